@@ -1,0 +1,13 @@
+"""Built-in methods, one module each; importing a module registers its method."""
+
+import importlib
+
+BUILTIN_MODULES = ("random", "pop", "sasrec")
+
+
+def _import_builtins() -> None:
+    for name in BUILTIN_MODULES:
+        importlib.import_module(f"baselines.{name}")
+
+
+_import_builtins()

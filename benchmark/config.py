@@ -1,0 +1,112 @@
+"""Hyperparameter layering: dataclass defaults < TOML config file < `--set method.field=value`."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+import typing
+from pathlib import Path
+from typing import Any
+
+from benchmark.errors import ConfigError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+
+def parse_value(text: str) -> Any:
+    """`--set` values: JSON/TOML literals (true, 3, 0.1, "x", [1,2]) or a bare string."""
+    lowered = text.strip()
+    if lowered in ("true", "True"):
+        return True
+    if lowered in ("false", "False"):
+        return False
+    if lowered in ("none", "None", "null"):
+        return None
+    try:
+        return json.loads(lowered)
+    except json.JSONDecodeError:
+        return text
+
+
+def parse_sets(items: list[str]) -> dict[str, dict[str, Any]]:
+    """["sasrec.hidden=128", "sft.lora=false"] -> {"sasrec": {"hidden": 128}, "sft": {"lora": False}}."""
+    out: dict[str, dict[str, Any]] = {}
+    for item in items:
+        key, eq, value = item.partition("=")
+        method, dot, name = key.partition(".")
+        if not eq or not dot or not method or not name:
+            raise ConfigError(f"bad --set {item!r}; write --set METHOD.FIELD=VALUE, e.g. --set sasrec.hidden=128")
+        out.setdefault(method.strip(), {})[name.strip()] = parse_value(value)
+    return out
+
+
+def load_config_file(path: str | Path) -> dict[str, dict[str, Any]]:
+    """A TOML file with one table per method: [sasrec] hidden = 128."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {p} not found; give an existing TOML file to --config")
+    try:
+        data = tomllib.loads(p.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {p} is not valid TOML: {exc}") from exc
+    for key, value in data.items():
+        if not isinstance(value, dict):
+            raise ConfigError(f"config file {p}: top-level key {key!r} must be a table like [{key}]")
+    return data
+
+
+def _coerce(cls_name: str, field: dataclasses.Field, value: Any, hints: dict[str, Any]) -> Any:
+    hint = hints.get(field.name, field.type)
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin is typing.Union or (origin is not None and str(origin) == "<class 'types.UnionType'>"):
+        if value is None and type(None) in args:
+            return None
+        hint = next((a for a in args if a is not type(None)), hint)
+    try:
+        if hint is bool:
+            if isinstance(value, bool):
+                return value
+            raise ValueError("expected true or false")
+        if hint is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError("expected an integer")
+            return int(value)
+        if hint is float:
+            if isinstance(value, bool):
+                raise ValueError("expected a number")
+            return float(value)
+        if hint is str:
+            if isinstance(value, list):
+                return ",".join(str(v) for v in value)
+            return str(value)
+        if typing.get_origin(hint) in (list, tuple) and isinstance(value, str):
+            return typing.get_origin(hint)(v for v in value.split(",") if v)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{cls_name}.{field.name}={value!r}: {exc}") from exc
+    return value
+
+
+def resolve_params(method: str, params_cls: type, *layers: dict[str, dict[str, Any]]) -> Any:
+    """Build the Params dataclass for `method` from its defaults and each override layer in order."""
+    fields = {f.name: f for f in dataclasses.fields(params_cls)}
+    hints = typing.get_type_hints(params_cls)
+    values: dict[str, Any] = {}
+    for layer in layers:
+        for key, value in (layer.get(method) or {}).items():
+            if key not in fields:
+                known = ", ".join(sorted(fields)) or "no hyperparameters"
+                raise ConfigError(f"unknown hyperparameter {method}.{key}; {method} has: {known}")
+            values[key] = _coerce(method, fields[key], value, hints)
+    try:
+        return params_cls(**values)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{method}: {exc}") from exc
+
+
+def params_dict(params: Any) -> dict[str, Any]:
+    return dataclasses.asdict(params)

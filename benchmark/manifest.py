@@ -1,0 +1,84 @@
+"""What a run records about where it ran: versions, git commit, device, memory."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import platform
+import resource
+import subprocess
+import sys
+from pathlib import Path
+
+import benchmark
+
+PACKAGES = ("numpy", "pandas", "scipy", "torch", "transformers", "peft", "sentence-transformers")
+
+
+def package_versions() -> dict[str, str | None]:
+    out: dict[str, str | None] = {"benchmark": benchmark.__version__}
+    for name in PACKAGES:
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def git_commit() -> str | None:
+    """HEAD of the repository holding this package ("+dirty" when it has local changes)."""
+    root = Path(benchmark.__file__).resolve().parent.parent
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True, text=True, timeout=10
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return head + ("+dirty" if dirty else "")
+
+
+def resolve_device(device: str = "auto") -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        from benchmark.errors import ConfigError
+
+        raise ConfigError(f"--device {device}: CUDA is not available here; use --device cpu or auto")
+    return device
+
+
+def device_name(device: str) -> str:
+    import torch
+
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name(torch.device(device))
+    return f"{platform.processor() or platform.machine()} ({os.cpu_count()} cores)"
+
+
+def peak_memory_mb(device: str) -> dict[str, float]:
+    """Peak resident memory of this process, and peak CUDA memory where used."""
+    out = {"cpu_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0}
+    if device.startswith("cuda"):
+        import torch
+
+        out["cuda_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    return out
+
+
+def manifest(device: str) -> dict:
+    import torch
+
+    return {
+        "versions": package_versions(),
+        "git_commit": git_commit(),
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "device": device,
+        "device_name": device_name(device),
+        "torch_threads": torch.get_num_threads(),
+    }

@@ -1,0 +1,305 @@
+"""The run: split -> candidates -> each method (fit, rank) -> per-user metrics -> run store.
+
+Test targets are read here once, by the scorer, after a method has returned its ranking.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from benchmark.candidates import build_candidates, parse_protocol, target_in_candidates
+from benchmark.config import params_dict, resolve_params
+from benchmark.errors import ConfigError, MethodError
+from benchmark.manifest import manifest, peak_memory_mb, resolve_device
+from benchmark.registry import RunContext, get_method
+from benchmark.scoring.metrics import coverage, per_user_metrics
+from benchmark.store import RunStore, UnitFiles, unit_key
+from benchmark.types import PAD, CandidateSet, EvalSet, RankedLists, RankRequest, Split
+
+CUTOFFS = (1, 5, 10, 20)
+EVAL_USER_SEED = 0  # the test-user subsample (--eval-users) is the same for every method and seed
+
+
+@dataclass
+class RunOptions:
+    methods: list[str]
+    dataset: str = "ml-100k"
+    data_dir: Path | None = None
+    split: str = "loo"
+    candidates: str = "full"
+    kcore: int = 5
+    seeds: list[int] = field(default_factory=lambda: [0])
+    eval_users: int | None = None
+    k: int = 20
+    overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
+    llm: str | None = None
+    device: str = "auto"
+    force: bool = False
+    run_id: str | None = None
+    runs_dir: Path = Path("runs")
+    progress: bool = True
+
+    @property
+    def protocol_label(self) -> str:
+        """Names the leaderboard: split, candidates and any test-user subsample."""
+        label = f"{self.split}-{self.candidates.replace(':', '_')}"
+        return f"{label}-u{self.eval_users}" if self.eval_users else label
+
+
+@dataclass
+class UnitOutcome:
+    label: str
+    seed: int
+    path: Path
+    metrics: dict
+    reused: bool
+
+
+def subsample_users(evalset: EvalSet, n: int | None) -> EvalSet:
+    """A seeded subset of n users (sorted), shared by every method; all users when n is None."""
+    if n is None or n >= len(evalset):
+        return evalset
+    if n <= 0:
+        raise ConfigError("--eval-users must be a positive number of test users")
+    rows = np.sort(np.random.default_rng(EVAL_USER_SEED).choice(len(evalset), size=n, replace=False))
+    return EvalSet(evalset.users[rows], evalset.targets[rows], [evalset.histories[i] for i in rows])
+
+
+def check_ranking(ranked: RankedLists, request: RankRequest, n_items: int, label: str) -> RankedLists:
+    """Reorder to the request's users and reject duplicates, unknown ids, seen or non-candidate items."""
+    users = np.asarray(ranked.users, dtype=np.int64)
+    if len(users) != len(request.users) or set(users.tolist()) != set(request.users.tolist()):
+        raise MethodError(f"method {label} ranked {len(users)} users, expected the {len(request.users)} requested")
+    order = {int(u): i for i, u in enumerate(users)}
+    rows = np.array([order[int(u)] for u in request.users])
+    items = np.asarray(ranked.items, dtype=np.int64)[rows]
+    if items.ndim != 2 or items.shape[1] > request.k:
+        raise MethodError(f"method {label} returned lists of shape {items.shape}; expected at most k={request.k} columns")
+    if items.shape[1] < request.k:
+        items = np.pad(items, ((0, 0), (0, request.k - items.shape[1])), constant_values=PAD)
+    if ((items < PAD) | (items >= n_items)).any():
+        raise MethodError(f"method {label} returned item ids outside the catalog (0..{n_items - 1})")
+    cands = request.candidates
+    for row in range(len(items)):
+        got = items[row][items[row] != PAD]
+        if len(np.unique(got)) != len(got):
+            raise MethodError(f"method {label} ranked an item twice for user {int(request.users[row])}")
+        if cands.exclude_seen and np.isin(got, request.histories[row]).any():
+            raise MethodError(f"method {label} ranked an already seen item for user {int(request.users[row])}")
+        if cands.items is not None and not np.isin(got, cands.items[row]).all():
+            raise MethodError(f"method {label} ranked an item outside the {cands.protocol} candidates")
+    scores = None if ranked.scores is None else np.asarray(ranked.scores, dtype=np.float64)[rows]
+    extras = {name: np.asarray(v)[rows] for name, v in ranked.extras.items()}
+    return RankedLists(request.users.copy(), items, scores, extras, dict(ranked.info))
+
+
+def resolve_method(name: str, overrides: dict[str, dict[str, Any]]) -> tuple[type, str, Any]:
+    """The method class, its label and its resolved hyperparameters (raises on bad input)."""
+    cls = get_method(name)
+    label = cls.name if ":" in name else name
+    return cls, label, resolve_params(label, cls.Params, overrides)
+
+
+class Runner:
+    def __init__(self, opts: RunOptions, split: Split):
+        self.opts = opts
+        self.split = split
+        self.store = RunStore(opts.runs_dir)
+        self.device = resolve_device(opts.device)
+        self.test = subsample_users(split.test, opts.eval_users)
+        kind, _ = parse_protocol(opts.candidates)
+        valid_protocol = "full" if kind == "retrieved" else opts.candidates
+        self.valid_candidates = build_candidates(valid_protocol, split, split.valid, cache_dir=self.store.cache_dir)
+        self.test_candidates = build_candidates(
+            opts.candidates, split, self.test, cache_dir=self.store.cache_dir, retrieved_loader=self._retrieved
+        )
+        self._valid_targets = dict(zip(split.valid.users.tolist(), split.valid.targets.tolist()))
+        self.run_id = opts.run_id or self._new_run_id()
+
+    # -- helpers -----------------------------------------------------------------------
+    def _new_run_id(self) -> str:
+        stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+        return f"{stamp}-{self.split.dataset.replace(':', '_').replace('/', '_')}-{self.opts.protocol_label}"
+
+    def _retrieved(self, method: str, k: int) -> dict[int, list[int]]:
+        best: UnitFiles | None = None
+        for unit in self.store.finished_units():
+            cfg = unit.config
+            if cfg.get("label") == method and cfg.get("split_fingerprint") == self.split.fingerprint and cfg.get(
+                "candidates"
+            ) == "full":
+                best = unit
+        if best is None:
+            raise ConfigError(
+                f"retrieved:{method}:{k} needs a finished {method} run on this split; run "
+                f"`python -m benchmark run --methods {method} --dataset {self.split.dataset}` first"
+            )
+        return best.rankings()
+
+    def validate(self, ranked: RankedLists) -> dict[str, float]:
+        """Validation metric means for a ranking of (a subset of) the validation users."""
+        targets = np.array([self._valid_targets[int(u)] for u in ranked.users], dtype=np.int64)
+        metrics = per_user_metrics(np.asarray(ranked.items, dtype=np.int64), targets, CUTOFFS)
+        return {name: float(values.mean()) for name, values in metrics.items()}
+
+    def valid_request(self, users: np.ndarray | None = None, k: int = 20) -> RankRequest:
+        valid = self.split.valid
+        rows = np.arange(len(valid)) if users is None else np.searchsorted(valid.users, users)
+        cands = self.valid_candidates
+        sub = CandidateSet(cands.protocol, cands.users[rows], None if cands.items is None else cands.items[rows])
+        return RankRequest(valid.users[rows], [valid.histories[i] for i in rows], sub, k, stage="valid")
+
+    # -- one unit ------------------------------------------------------------------------
+    def resolve(self, name: str) -> tuple[type, str, Any]:
+        return resolve_method(name, self.opts.overrides)
+
+    def run_unit(self, name: str, seed: int) -> UnitOutcome:
+        cls, label, params = self.resolve(name)
+        key_payload = {
+            "method": label,
+            "class": f"{cls.__module__}.{cls.__qualname__}",
+            "params": params_dict(params),
+            "llm": self.opts.llm if getattr(cls, "uses_llm", False) else None,
+            "seed": seed,
+            "split": self.split.fingerprint,
+            "candidates": self.opts.candidates,
+            "users": self.opts.eval_users,
+            "k": self.opts.k,
+        }
+        key = unit_key(key_payload)
+        if not self.opts.force:
+            done = self.store.find_finished(key)
+            if done is not None:
+                path = self.store.copy_unit(done, self.run_id, label, seed)
+                return UnitOutcome(label, seed, path, UnitFiles(path).metrics, True)
+        ctx = RunContext(
+            seed=seed,
+            device=self.device,
+            work_dir=self.store.work_dir(key),
+            validate=self.validate,
+            llm=self.opts.llm,
+            progress=self.opts.progress,
+        )
+        ctx.notes["valid_request"] = self.valid_request
+        method = cls(params, ctx)
+        t0 = time.perf_counter()
+        method.fit(self.split.train_data())
+        train_s = time.perf_counter() - t0
+        request = RankRequest(self.test.users, self.test.histories, self.test_candidates, self.opts.k, stage="test")
+        t1 = time.perf_counter()
+        ranked = check_ranking(method.rank(request), request, self.split.n_items, label)
+        eval_s = time.perf_counter() - t1
+        return self._write(label, seed, key, key_payload, params, ranked, train_s, eval_s, ctx)
+
+    def _write(self, label, seed, key, key_payload, params, ranked, train_s, eval_s, ctx) -> UnitOutcome:
+        targets = self.test.targets
+        metrics = per_user_metrics(ranked.items, targets, CUTOFFS)
+        user_ids = self.split.user_ids
+        names = list(metrics)
+        per_user_rows = []
+        rank_rows = []
+        for row, uid in enumerate(ranked.users.tolist()):
+            rec = {"user": user_ids[uid], "uid": uid}
+            rec.update({m: float(metrics[m][row]) for m in names})
+            for extra, values in ranked.extras.items():
+                rec[extra] = float(values[row])
+            per_user_rows.append(rec)
+            items = ranked.items[row]
+            keep = items != PAD
+            rank_rows.append(
+                {
+                    "user": user_ids[uid],
+                    "uid": uid,
+                    "target": int(targets[row]),
+                    "items": items[keep].tolist(),
+                    "scores": None if ranked.scores is None else [round(float(s), 6) for s in ranked.scores[row][keep]],
+                }
+            )
+        in_cands = target_in_candidates(self.test_candidates, targets)
+        summary = {
+            "means": {m: float(v.mean()) for m, v in metrics.items()},
+            "coverage@10": coverage(ranked.items, self.split.n_items, k=10),
+            "n_users": int(len(targets)),
+            "target_in_candidates": float(in_cands.mean()),
+            "train_time_s": round(train_s, 3),
+            "eval_time_s": round(eval_s, 3),
+            "peak_memory": peak_memory_mb(self.device),
+            "validity": float(np.mean(ranked.extras["valid"])) if "valid" in ranked.extras else None,
+            "info": {**ranked.info, **{k: v for k, v in ctx.notes.items() if k != "valid_request"}},
+        }
+        config = {
+            "key": key,
+            "label": label,
+            "method": key_payload["class"],
+            "params": params_dict(params),
+            "seed": seed,
+            "dataset": self.split.dataset,
+            "split": self.split.protocol,
+            "split_fingerprint": self.split.fingerprint,
+            "candidates": self.opts.candidates,
+            "protocol": self.opts.protocol_label,
+            "eval_users": self.opts.eval_users,
+            "k": self.opts.k,
+            "llm": key_payload["llm"],
+            "device": self.device,
+            "run_id": self.run_id,
+        }
+        path = self.store.write_unit(self.run_id, label, seed, config, rank_rows, per_user_rows, summary)
+        return UnitOutcome(label, seed, path, summary, False)
+
+    # -- the whole run -----------------------------------------------------------------
+    def run(self) -> list[UnitOutcome]:
+        opts = self.opts
+        for name in opts.methods:  # every name and override is checked before anything is written
+            self.resolve(name)
+        meta = {
+            "run_id": self.run_id,
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "dataset": self.split.dataset,
+            "split": self.split.protocol,
+            "split_config": self.split.config,
+            "split_fingerprint": self.split.fingerprint,
+            "candidates": opts.candidates,
+            "protocol": opts.protocol_label,
+            "eval_users": opts.eval_users,
+            "n_test_users": int(len(self.test)),
+            "split_stats": {
+                "users": self.split.n_users,
+                "items": self.split.n_items,
+                "train interactions": int(sum(len(t) for t in self.split.train)),
+                "valid users": int(len(self.split.valid)),
+                "test users": int(len(self.split.test)),
+            },
+            "methods": opts.methods,
+            "seeds": opts.seeds,
+            "overrides": opts.overrides,
+            "llm": opts.llm,
+            "manifest": manifest(self.device),
+            "status": "running",
+            "stages": {},
+        }
+        previous = self.store.run_dir(self.run_id) / "run.json"
+        if previous.is_file():  # resuming: keep what the earlier attempt recorded
+            old = self.store.run_meta(self.run_id)
+            meta["stages"] = old.get("stages", {})
+            meta["created"] = old.get("created", meta["created"])
+        self.store.start_run(self.run_id, meta)
+        outcomes: list[UnitOutcome] = []
+        for name in opts.methods:
+            for seed in opts.seeds:
+                t0 = time.perf_counter()
+                outcome = self.run_unit(name, seed)
+                outcomes.append(outcome)
+                meta["stages"][f"{outcome.label}/seed-{seed}"] = {
+                    "wall_s": round(time.perf_counter() - t0, 3),
+                    "reused": outcome.reused,
+                }
+                self.store.update_run(self.run_id, stages=meta["stages"])
+        self.store.update_run(self.run_id, status="finished", peak_memory=peak_memory_mb(self.device))
+        return outcomes
