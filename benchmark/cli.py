@@ -65,9 +65,8 @@ def cmd_data(args: argparse.Namespace) -> int:
     if args.data_verb == "fetch":
         from benchmark.data.assets import fetch_assets
 
-        paths = fetch_assets(_runs_dir(args) / ".cache" if args.cache_dir is None else args.cache_dir)
-        for p in paths:
-            print(p)
+        for name, folder in fetch_assets(args.cache_dir).items():
+            print(f"{name}: {folder}")
         return 0
     from benchmark.data.stats import split_stats
 
@@ -209,7 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
     _split_args(d)
     d.set_defaults(func=cmd_data)
     d = dsub.add_parser("fetch", help="download the ML-100K/ML-1M wheels into the cache (sha256-checked)")
-    d.add_argument("--cache-dir", type=Path, default=None)
+    d.add_argument("--cache-dir", type=Path, default=None, help="default $BENCHMARK_CACHE or ~/.cache/llmrec-bench")
     d.set_defaults(func=cmd_data)
 
     s = sub.add_parser("run", help="fit and evaluate methods on one dataset and protocol")
