@@ -2,7 +2,7 @@
 
 import importlib
 
-BUILTIN_MODULES = ("random", "pop", "sasrec")
+BUILTIN_MODULES = ("random", "pop", "sasrec", "sft", "cft")
 
 
 def _import_builtins() -> None:

@@ -1,0 +1,529 @@
+"""Fine-tune a causal LM on (prompt, response) examples: LoRA (peft) or full fine-tuning.
+
+Used by SFT, CFT, LlamaRec and CALRec. What it does:
+
+- Logits only where there are labels: the decoder body gives the last hidden states, the
+  positions whose *next* token carries a label are selected, and only those rows go through
+  the LM head (`label_logits`). A [batch, seq, vocab] tensor is never built.
+- Right-padded batches (pad id, attention mask, labels IGNORE on padding), gradient
+  accumulation, AdamW (fused on CUDA), linear warmup then linear decay, gradient clipping,
+  bf16 autocast on CUDA.
+- Early stopping on a validation callback (`validate(model) -> score`, higher is better);
+  the best trainable weights are restored at the end.
+- Checkpoints in `work_dir` (safetensors for the trainable weights; optimizer, scheduler,
+  RNG and step in `trainer_state.pt` / `trainer_state.json`). If a checkpoint of the same
+  configuration is there, training continues from it; a finished run is not repeated.
+
+The loop is one plain function so that Hugging Face accelerate can wrap it later
+(`accelerator.prepare(model, optimizer)`) without a home-made launcher.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from benchmark.errors import ConfigError
+from benchmark.llm.prompts import IGNORE
+
+Example = tuple[Sequence[int], Sequence[int]]  # (input_ids, labels)
+
+CHECKPOINT_DIR = "checkpoint"
+FINAL_DIR = "final"
+
+
+@dataclass
+class TrainConfig:
+    """Training hyperparameters. Defaults follow common LoRA practice (BIGRec trains LoRA
+    r=8, alpha=16, dropout 0.05 on q/k/v/o; lr 3e-4 is the usual LoRA rate, full
+    fine-tuning uses 3e-5 when lr is None)."""
+
+    lr: float | None = None  # None: 3e-4 with LoRA, 3e-5 for full fine-tuning
+    epochs: int = 1
+    batch_size: int = 8
+    grad_accum: int = 1
+    max_steps: int | None = None  # optimizer steps; overrides epochs when set
+    warmup: float = 0.05  # fraction of the steps (< 1) or a number of steps (>= 1)
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    eval_every: int = 0  # optimizer steps between validations; 0 = once per epoch
+    patience: int = 3  # validations without improvement before stopping; 0 = never stop early
+    bf16: bool = True  # autocast to bf16 on CUDA (CPU always runs fp32)
+    fused_adam: bool = True  # on CUDA
+    seed: int = 0
+    max_train_examples: int | None = None  # seeded cap applied by the caller (see cap_examples)
+    lora: bool = True
+    lora_r: int = 8
+    lora_alpha: int = 16
+    lora_dropout: float = 0.05
+    lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
+    master_fp32: bool = True  # full fine-tuning of a bf16/fp16 model: train fp32 weights (autocast on CUDA)
+    checkpoint: bool = True  # write resumable checkpoints to work_dir
+    progress: bool = True
+
+    @property
+    def learning_rate(self) -> float:
+        if self.lr is not None:
+            return float(self.lr)
+        return 3e-4 if self.lora else 3e-5
+
+    def fingerprint(self, n_examples: int, extra: str = "") -> str:
+        """Identifies a training run for resuming (progress flag excluded)."""
+        payload = {k: v for k, v in asdict(self).items() if k != "progress"}
+        payload["lora_targets"] = list(self.lora_targets)
+        payload["n_examples"] = n_examples
+        payload["extra"] = extra
+        return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    epochs_done: float
+    best_score: float | None
+    best_step: int | None
+    history: list[dict[str, float]] = field(default_factory=list)  # per validation: step, score, loss
+    resumed_from: int = 0  # optimizer step the run continued from (0 = fresh)
+    stopped_early: bool = False
+    seconds: float = 0.0
+    tokens: int = 0  # tokens (incl. prompt) processed in this process
+
+
+# -- model pieces ------------------------------------------------------------------------------
+
+
+def base_model(model: Any) -> Any:
+    """The transformers model under a peft wrapper (or the model itself)."""
+    get = getattr(model, "get_base_model", None)
+    return get() if callable(get) else model
+
+
+def decoder_body(model: Any) -> Any:
+    """The transformer body that returns last hidden states (LoRA layers live inside it)."""
+    base = base_model(model)
+    get = getattr(base, "get_decoder", None)
+    body = get() if callable(get) else None
+    if body is None:
+        body = getattr(base, "model", None)
+    if body is None:
+        raise ConfigError(f"{type(base).__name__} exposes no decoder body (get_decoder / .model)")
+    return body
+
+
+def lm_head(model: Any) -> torch.nn.Module:
+    """The output projection hidden -> vocabulary logits."""
+    head = base_model(model).get_output_embeddings()
+    if head is None:
+        raise ConfigError(f"{type(base_model(model)).__name__} has no output embeddings (lm_head)")
+    return head
+
+
+def head_logits(model: Any, hidden: torch.Tensor) -> torch.Tensor:
+    """lm_head over selected hidden rows, with the model's final soft-capping/scaling if any."""
+    logits = lm_head(model)(hidden)
+    config = base_model(model).config
+    cap = getattr(config, "final_logit_softcapping", None)
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    scale = getattr(config, "logit_scale", None)
+    if isinstance(scale, (int, float)) and scale != 1:
+        logits = logits * scale
+    return logits
+
+
+def label_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Boolean [b, s-1] of positions whose next token is labelled, and the targets there."""
+    shifted = labels[:, 1:]
+    mask = shifted != IGNORE
+    return mask, shifted[mask]
+
+
+def label_hidden(
+    model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(hidden[n_labelled, d], targets[n_labelled], row_index[n_labelled]).
+
+    hidden[i] is the last-layer state at the position that predicts targets[i]; row_index[i]
+    is the batch row it belongs to.
+    """
+    out = decoder_body(model)(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    hidden = out[0] if isinstance(out, tuple) else out.last_hidden_state
+    mask, targets = label_positions(labels)
+    rows = mask.nonzero(as_tuple=True)[0]
+    return hidden[:, :-1][mask], targets, rows
+
+
+def label_logits(
+    model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(logits[n_labelled, vocab], targets[n_labelled], row_index[n_labelled]); see label_hidden."""
+    hidden, targets, rows = label_hidden(model, input_ids, attention_mask, labels)
+    return head_logits(model, hidden), targets, rows
+
+
+def example_loss(
+    model: Any, batch: dict[str, torch.Tensor], reduction: str = "mean"
+) -> tuple[torch.Tensor, int]:
+    """Token-level cross-entropy over labelled positions; returns (loss, n labelled tokens)."""
+    logits, targets, _ = label_logits(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
+    loss = F.cross_entropy(logits.float(), targets, reduction=reduction)
+    return loss, int(targets.numel())
+
+
+# -- data ---------------------------------------------------------------------------------------
+
+
+def collate(examples: Sequence[Example], pad_id: int, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+    """Right-padded input_ids / attention_mask / labels tensors."""
+    width = max(len(ids) for ids, _ in examples)
+    n = len(examples)
+    input_ids = torch.full((n, width), pad_id, dtype=torch.long)
+    labels = torch.full((n, width), IGNORE, dtype=torch.long)
+    attention = torch.zeros((n, width), dtype=torch.long)
+    for row, (ids, labs) in enumerate(examples):
+        if len(ids) != len(labs):
+            raise ValueError(f"example {row}: {len(ids)} input ids but {len(labs)} labels")
+        input_ids[row, : len(ids)] = torch.as_tensor(ids, dtype=torch.long)
+        labels[row, : len(labs)] = torch.as_tensor(labs, dtype=torch.long)
+        attention[row, : len(ids)] = 1
+    return {
+        "input_ids": input_ids.to(device),
+        "attention_mask": attention.to(device),
+        "labels": labels.to(device),
+    }
+
+
+def sequence_examples(
+    sequences: Sequence[np.ndarray], *, history_len: int = 10, min_history: int = 1
+) -> list[tuple[int, int]]:
+    """(user, position) pairs: one per position t >= min_history of each user's sequence
+    (target = seq[t], history = seq[max(0, t - history_len):t])."""
+    pairs = []
+    for user, seq in enumerate(sequences):
+        for t in range(min_history, len(seq)):
+            pairs.append((user, t))
+    return pairs
+
+
+def cap_examples(items: list, cap: int | None, seed: int) -> list:
+    """A seeded random subset of at most `cap` items, kept in their original order."""
+    if cap is None or cap >= len(items):
+        return list(items)
+    keep = np.sort(np.random.default_rng(seed).choice(len(items), size=int(cap), replace=False))
+    return [items[i] for i in keep]
+
+
+def default_max_examples(device: torch.device | str) -> int | None:
+    """BIGRec trains on 1,024 examples: the CPU default; on CUDA every example."""
+    return None if torch.device(device).type == "cuda" else 1024
+
+
+# -- LoRA -----------------------------------------------------------------------------------------
+
+
+def apply_lora(model: Any, config: TrainConfig) -> Any:
+    """Wrap `model` with LoRA adapters on `config.lora_targets` (peft); only adapters train."""
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError as exc:  # pragma: no cover - peft is a dependency
+        raise ConfigError("LoRA needs the `peft` package: pip install peft (or train with lora=false)") from exc
+    names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    missing = [t for t in config.lora_targets if t not in names]
+    if missing:
+        raise ConfigError(
+            f"LoRA targets {missing} are not modules of {type(model).__name__}; set lora_targets to some of its "
+            "linear layers (e.g. q_proj,k_proj,v_proj,o_proj)"
+        )
+    lora = LoraConfig(
+        r=config.lora_r,
+        lora_alpha=config.lora_alpha,
+        lora_dropout=config.lora_dropout,
+        target_modules=list(config.lora_targets),
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, lora)
+
+
+def prepare_model(model: Any, config: TrainConfig) -> Any:
+    """LoRA-wrap (adapter init seeded by config.seed), or make every parameter trainable."""
+    if config.lora:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(config.seed)
+            return apply_lora(model, config)
+    if config.master_fp32 and next(model.parameters()).dtype in (torch.bfloat16, torch.float16):
+        model = model.float()  # AdamW updates on 16-bit weights lose most small steps
+    for p in model.parameters():
+        p.requires_grad_(True)
+    return model
+
+
+def trainable_state(model: Any) -> dict[str, torch.Tensor]:
+    """The trainable parameters by name (LoRA adapters, or every weight), detached CPU copies."""
+    return {name: p.detach().to("cpu", copy=True).contiguous() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def load_trainable_state(model: Any, state: dict[str, torch.Tensor]) -> None:
+    params = dict(model.named_parameters())
+    missing = [k for k in state if k not in params]
+    if missing:
+        raise ConfigError(f"checkpoint holds weights this model lacks ({missing[:3]}...); delete the work dir")
+    with torch.no_grad():
+        for name, value in state.items():
+            params[name].copy_(value.to(params[name].device, params[name].dtype))
+
+
+def merge_for_inference(model: Any) -> Any:
+    """Fold LoRA adapters into the base weights (faster decoding); a no-op for full FT."""
+    merge = getattr(model, "merge_and_unload", None)
+    model = merge() if callable(merge) else model
+    model.eval()
+    return model
+
+
+# -- checkpoints ------------------------------------------------------------------------------------
+
+
+def _atomic_dir_write(target: Path, write: Callable[[Path], None]) -> None:
+    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    write(tmp)
+    old = target.with_name(f".{target.name}.old-{os.getpid()}")
+    if target.exists():
+        os.replace(target, old)
+    os.replace(tmp, target)
+    if old.exists():
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def save_checkpoint(path: Path, model: Any, optimizer: Any, scheduler: Any, state: dict, best: dict | None) -> None:
+    from safetensors.torch import save_file
+
+    def write(tmp: Path) -> None:
+        save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
+        if best is not None:
+            save_file(best, str(tmp / "best.safetensors"))
+        torch.save(
+            {
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "torch_rng": torch.get_rng_state(),
+                "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            },
+            tmp / "trainer_state.pt",
+        )
+        (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1))
+
+    _atomic_dir_write(path, write)
+
+
+def read_checkpoint_state(path: Path) -> dict | None:
+    f = path / "trainer_state.json"
+    if not f.is_file():
+        return None
+    try:
+        return json.loads(f.read_text())
+    except json.JSONDecodeError:
+        return None
+
+
+# -- the loop ------------------------------------------------------------------------------------------
+
+
+def _schedule(total_steps: int, warmup: float) -> Callable[[int], float]:
+    warm = int(round(warmup * total_steps)) if warmup < 1 else int(warmup)
+    warm = min(warm, max(total_steps - 1, 0))
+
+    def factor(step: int) -> float:
+        if warm and step < warm:
+            return (step + 1) / (warm + 1)
+        rest = max(total_steps - warm, 1)
+        return max(0.0, 1.0 - (step - warm) / rest)
+
+    return factor
+
+
+def make_optimizer(params: list, config: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
+    kwargs: dict[str, Any] = {"lr": config.learning_rate, "weight_decay": config.weight_decay}
+    if config.fused_adam and device.type == "cuda":
+        kwargs["fused"] = True
+    return torch.optim.AdamW(params, **kwargs)
+
+
+def loss_validator(
+    examples: Sequence[Example], pad_id: int, *, batch_size: int = 16, bf16: bool = True
+) -> Callable[[Any], float]:
+    """A validation callback: minus the mean token loss on `examples` (higher is better)."""
+
+    def validate(model: Any) -> float:
+        device = next(model.parameters()).device
+        total, count = 0.0, 0
+        was_training = model.training
+        model.eval()
+        with torch.no_grad(), _autocast(device, bf16):
+            for start in range(0, len(examples), batch_size):
+                batch = collate(examples[start : start + batch_size], pad_id, device)
+                loss, n = example_loss(model, batch, reduction="sum")
+                total += float(loss)
+                count += n
+        model.train(was_training)
+        return -total / max(count, 1)
+
+    return validate
+
+
+def _autocast(device: torch.device, bf16: bool):
+    if device.type == "cuda" and bf16:
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def train(
+    model: Any,
+    examples: Sequence[Example],
+    config: TrainConfig,
+    *,
+    pad_id: int,
+    work_dir: str | os.PathLike | None = None,
+    validate: Callable[[Any], float] | None = None,
+    fingerprint_extra: str = "",
+    collate_fn: Callable[..., dict[str, torch.Tensor]] | None = None,
+    loss_fn: Callable[[Any, dict[str, torch.Tensor]], tuple[torch.Tensor, Any]] | None = None,
+    example_weight: Callable[[Any], float] | None = None,
+) -> tuple[Any, TrainResult]:
+    """Train `model` (already LoRA-wrapped or not: see `prepare_model`) on `examples`.
+
+    Returns the model (best validation weights loaded when `validate` is given) and a
+    TrainResult. Methods with another objective (CFT) pass `collate_fn(examples, pad_id,
+    device) -> batch`, `loss_fn(model, batch) -> (loss sum, normaliser)` and
+    `example_weight(example) -> float` (its share of the step's normaliser); the defaults
+    are right-padded token cross-entropy averaged over the step's labelled tokens. With `work_dir`, checkpoints go to work_dir/checkpoint after each
+    validation (or epoch) and a rerun with the same config and data resumes from them.
+    """
+    if not examples:
+        raise ConfigError("no training examples: the training sequences are too short (need 2+ items per user)")
+    t_start = time.perf_counter()
+    device = next(model.parameters()).device
+    make_batch = collate_fn or collate
+    compute_loss = loss_fn or (lambda m, b: example_loss(m, b, reduction="sum"))
+    weigh = example_weight or (lambda ex: int(np.count_nonzero(np.asarray(ex[1][1:]) != IGNORE)))
+    n = len(examples)
+    micro_per_epoch = math.ceil(n / config.batch_size)
+    steps_per_epoch = max(1, math.ceil(micro_per_epoch / config.grad_accum))
+    total_steps = int(config.max_steps) if config.max_steps else steps_per_epoch * config.epochs
+    eval_every = config.eval_every or steps_per_epoch
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ConfigError("the model has no trainable parameters; use prepare_model(model, config) first")
+    optimizer = make_optimizer(params, config, device)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(total_steps, config.warmup))
+
+    fp = config.fingerprint(n, fingerprint_extra)
+    ckpt = Path(work_dir) / CHECKPOINT_DIR if (work_dir is not None and config.checkpoint) else None
+    step = 0
+    best: dict | None = None
+    state: dict[str, Any] = {"fingerprint": fp, "step": 0, "best_score": None, "best_step": None,
+                             "bad_evals": 0, "history": [], "done": False, "stopped_early": False}
+    resumed_from = 0
+    cuda_devices = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda_devices):
+        torch.manual_seed(config.seed)
+        prior = read_checkpoint_state(ckpt) if ckpt is not None else None
+        if prior is not None and prior.get("fingerprint") == fp:
+            from safetensors.torch import load_file
+
+            load_trainable_state(model, load_file(str(ckpt / "trainable.safetensors")))
+            extra = torch.load(ckpt / "trainer_state.pt", map_location="cpu", weights_only=False)
+            optimizer.load_state_dict(extra["optimizer"])
+            scheduler.load_state_dict(extra["scheduler"])
+            torch.set_rng_state(extra["torch_rng"])
+            if extra.get("cuda_rng") and device.type == "cuda":
+                torch.cuda.set_rng_state_all(extra["cuda_rng"])
+            if (ckpt / "best.safetensors").is_file():
+                best = load_file(str(ckpt / "best.safetensors"))
+            state = prior
+            step = resumed_from = int(prior["step"])
+
+        tokens = 0
+        model.train()
+        bar = tqdm(total=total_steps, initial=step, desc="train", disable=not config.progress, dynamic_ncols=True)
+        running: list[float] = []
+        while step < total_steps and not state["done"]:
+            epoch, step_in_epoch = divmod(step, steps_per_epoch)
+            order = np.random.default_rng([config.seed, epoch]).permutation(n)
+            first_micro = step_in_epoch * config.grad_accum
+            micro_batches = [order[i : i + config.batch_size] for i in range(0, n, config.batch_size)]
+            for group_start in range(first_micro, len(micro_batches), config.grad_accum):
+                group = micro_batches[group_start : group_start + config.grad_accum]
+                optimizer.zero_grad(set_to_none=True)
+                n_tokens = sum(weigh(examples[i]) for mb in group for i in mb)
+                step_loss = 0.0
+                for mb in group:
+                    batch = make_batch([examples[i] for i in mb], pad_id, device)
+                    tokens += int(batch["attention_mask"].sum())
+                    with _autocast(device, config.bf16):
+                        loss_sum, _ = compute_loss(model, batch)
+                    loss = loss_sum / max(n_tokens, 1)  # token mean over the whole accumulated step
+                    loss.backward()
+                    step_loss += float(loss.detach())
+                if config.max_grad_norm:
+                    torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                step += 1
+                running.append(step_loss)
+                bar.update(1)
+                bar.set_postfix(loss=f"{np.mean(running[-20:]):.4f}")
+                end_of_epoch = group_start + config.grad_accum >= len(micro_batches)
+                if step % eval_every == 0 or step >= total_steps or (end_of_epoch and not config.eval_every):
+                    record: dict[str, Any] = {"step": step, "train_loss": float(np.mean(running[-eval_every:]))}
+                    if validate is not None:
+                        score = float(validate(model))
+                        model.train()
+                        record["score"] = score
+                        if state["best_score"] is None or score > state["best_score"]:
+                            state["best_score"], state["best_step"], state["bad_evals"] = score, step, 0
+                            best = trainable_state(model)
+                        else:
+                            state["bad_evals"] += 1
+                        if config.patience and state["bad_evals"] >= config.patience:
+                            state["stopped_early"] = True
+                            state["done"] = True
+                    state["history"].append(record)
+                    state["step"] = step
+                    if step >= total_steps:
+                        state["done"] = True
+                    if ckpt is not None:
+                        save_checkpoint(ckpt, model, optimizer, scheduler, state, best)
+                if step >= total_steps or state["done"]:
+                    break
+        bar.close()
+        if best is not None:
+            load_trainable_state(model, best)
+    model.eval()
+    return model, TrainResult(
+        steps=step,
+        epochs_done=step / steps_per_epoch,
+        best_score=state["best_score"],
+        best_step=state["best_step"],
+        history=list(state["history"]),
+        resumed_from=resumed_from,
+        stopped_early=bool(state["stopped_early"]),
+        seconds=time.perf_counter() - t_start,
+        tokens=tokens,
+    )

@@ -1,0 +1,1 @@
+"""Scoring: per-user metrics and significance statistics."""

@@ -1,0 +1,234 @@
+"""SASRec on a tiny synthetic catalog with a planted next-item rule (item i -> item i+1 mod 30)."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import baselines.sasrec as sasrec
+from benchmark.ranking import rank_by_scores
+from benchmark.registry import RunContext
+from benchmark.types import PAD, CandidateSet, Catalog, EvalSet, RankedLists, RankRequest, TrainData
+
+N_ITEMS = 30
+N_USERS = 60
+
+
+def _planted_split(seed: int = 0) -> tuple[TrainData, EvalSet]:
+    """Each user walks i, i+1, i+2, ... (mod 30) from a random start for 8-16 steps; leave-one-out."""
+    rng = np.random.default_rng(seed)
+    seqs = []
+    for _ in range(N_USERS):
+        start = int(rng.integers(N_ITEMS))
+        length = int(rng.integers(8, 17))
+        seqs.append((start + np.arange(length)) % N_ITEMS)
+    users = np.arange(N_USERS, dtype=np.int64)
+    train = [s[:-2].astype(np.int64) for s in seqs]
+    valid = EvalSet(users, np.array([s[-2] for s in seqs], dtype=np.int64), train)
+    test_hist = [s[:-1].astype(np.int64) for s in seqs]
+    test = EvalSet(users, np.array([s[-1] for s in seqs], dtype=np.int64), test_hist)
+    names = [f"item{i}" for i in range(N_ITEMS)]
+    catalog = Catalog(raw_ids=names, titles=names, years=[None] * N_ITEMS, genres=[""] * N_ITEMS)
+    data = TrainData("planted", "loo", "test", N_USERS, N_ITEMS, catalog, train, valid)
+    return data, test
+
+
+def _ndcg_hr_at_10(ranked: RankedLists, targets: np.ndarray) -> tuple[float, float]:
+    top = ranked.items[:, :10]
+    hit = top == targets[:, None]
+    found = hit.any(axis=1)
+    rank = hit.argmax(axis=1)
+    ndcg = np.where(found, 1.0 / np.log2(rank + 2.0), 0.0)
+    return float(ndcg.mean()), float(found.mean())
+
+
+def _ctx(data: TrainData, seed: int = 0, calls: list | None = None) -> RunContext:
+    def validate(ranked: RankedLists) -> dict[str, float]:
+        assert np.array_equal(ranked.users, data.valid.users)
+        ndcg, hr = _ndcg_hr_at_10(ranked, data.valid.targets)
+        if calls is not None:
+            calls.append(ndcg)
+        return {"ndcg@10": ndcg, "hr@10": hr}
+
+    return RunContext(seed=seed, device="cpu", work_dir=Path("."), validate=validate, progress=False)
+
+
+def _params(**kw) -> sasrec.SASRecParams:
+    base = dict(
+        hidden=16, blocks=1, heads=1, dropout=0.1, max_len=20, lr=1e-2, batch_size=16, epochs=12, patience=4
+    )
+    base.update(kw)
+    return sasrec.SASRecParams(**base)
+
+
+def _full(ev: EvalSet, k: int = 10) -> RankRequest:
+    return RankRequest(ev.users, ev.histories, CandidateSet("full", ev.users, None, True), k)
+
+
+@pytest.fixture(scope="module")
+def planted():
+    return _planted_split()
+
+
+@pytest.fixture(scope="module")
+def trained(planted):
+    data, _ = planted
+    method = sasrec.SASRec(_params(), _ctx(data))
+    method.fit(data)
+    return method
+
+
+def _popularity(data: TrainData, ev: EvalSet) -> RankedLists:
+    counts = torch.from_numpy(np.bincount(np.concatenate(data.train), minlength=N_ITEMS).astype(np.float32))
+    return rank_by_scores(_full(ev), N_ITEMS, lambda users, hist: counts.expand(len(users), -1))
+
+
+def test_registered_under_its_name():
+    assert sasrec.SASRec.name == "sasrec"
+    assert dataclasses.is_dataclass(sasrec.SASRec.Params)
+    defaults = sasrec.SASRecParams()
+    assert (defaults.hidden, defaults.blocks, defaults.loss, defaults.max_len) == (64, 2, "ce", 200)
+
+
+def test_learns_planted_rule_far_better_than_popularity(planted, trained):
+    data, test = planted
+    ndcg, hr = _ndcg_hr_at_10(trained.rank(_full(test)), test.targets)
+    _, pop_hr = _ndcg_hr_at_10(_popularity(data, test), test.targets)
+    assert hr >= 0.9, hr
+    assert ndcg >= 0.6, ndcg
+    assert hr > pop_hr + 0.3, (hr, pop_hr)
+    notes = trained.ctx.notes["sasrec"]
+    assert 1 <= notes["best_epoch"] <= notes["epochs_run"] <= 12
+    assert notes["best_valid_ndcg@10"] == max(r["valid_ndcg@10"] for r in trained.history)
+
+
+def test_bce_loss_also_learns(planted):
+    data, test = planted
+    method = sasrec.SASRec(_params(loss="bce", epochs=30), _ctx(data))
+    method.fit(data)
+    _, hr = _ndcg_hr_at_10(method.rank(_full(test)), test.targets)
+    _, pop_hr = _ndcg_hr_at_10(_popularity(data, test), test.targets)
+    assert hr > pop_hr + 0.2, (hr, pop_hr)
+
+
+def test_same_seed_gives_byte_identical_rankings(planted):
+    data, test = planted
+    runs = []
+    for seed in (7, 7, 8):
+        method = sasrec.SASRec(_params(epochs=3), _ctx(data, seed=seed))
+        method.fit(data)
+        runs.append(method.rank(_full(test, k=20)))
+    a, b, c = runs
+    assert a.items.tobytes() == b.items.tobytes()
+    assert a.scores.tobytes() == b.scores.tobytes()
+    assert a.scores.tobytes() != c.scores.tobytes()  # the seed matters
+
+
+def test_fit_leaves_global_torch_rng_untouched(planted):
+    data, _ = planted
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    sasrec.SASRec(_params(epochs=1), _ctx(data)).fit(data)
+    assert torch.equal(torch.rand(3), expected)
+
+
+def test_initial_item_embeddings_fill_the_table(planted):
+    data, _ = planted
+    arr = np.random.default_rng(3).normal(size=(N_ITEMS, 16)).astype(np.float32)
+    method = sasrec.SASRec(_params(), _ctx(data), init_item_embeddings=arr)
+    model = method.build_model(N_ITEMS)
+    assert np.array_equal(model.item_emb.weight[1:].detach().numpy(), arr)
+    assert not model.item_emb.weight[0].any()  # padding row stays zero
+    method.params = dataclasses.replace(method.params, epochs=0)
+    method.fit(data)  # no training: the table is exactly the given array
+    assert np.array_equal(method.item_embeddings(), arr)
+    method.params = dataclasses.replace(method.params, epochs=1)
+    method.fit(data)  # training moves it from there
+    assert not np.array_equal(method.item_embeddings(), arr)
+
+
+def test_initial_item_embeddings_shape_mismatch_raises(planted):
+    data, _ = planted
+    method = sasrec.SASRec(_params(), _ctx(data))
+    with pytest.raises(ValueError, match="expected \\[n_items, 16\\]"):
+        method.set_initial_item_embeddings(np.zeros((N_ITEMS, 8)))
+    with pytest.raises(ValueError, match="expected"):
+        method.set_initial_item_embeddings(np.zeros(N_ITEMS * 16))
+    method.set_initial_item_embeddings(np.zeros((N_ITEMS + 1, 16)))
+    with pytest.raises(ValueError, match="catalog has 30 items"):
+        method.fit(data)
+    with pytest.raises(ValueError):
+        sasrec.SASRec(_params(), _ctx(data), init_item_embeddings=np.full((N_ITEMS, 16), np.nan))
+
+
+def test_candidate_restriction_is_respected(planted, trained):
+    _, test = planted
+    rng = np.random.default_rng(5)
+    cand = np.full((N_USERS, 6), PAD, dtype=np.int64)
+    for row in range(N_USERS):
+        n = int(rng.integers(2, 7))
+        cand[row, :n] = rng.choice(N_ITEMS, size=n, replace=False)
+    request = RankRequest(test.users, test.histories, CandidateSet("sampled:5", test.users, cand, False), k=10)
+    ranked = trained.rank(request)
+    for row in range(N_USERS):
+        allowed = set(cand[row][cand[row] >= 0].tolist())
+        got = ranked.items[row][ranked.items[row] != PAD]
+        assert set(got.tolist()) == allowed  # every candidate, nothing else
+        assert len(got) == len(set(got.tolist()))
+        assert np.all(ranked.items[row][len(allowed) :] == PAD)
+        assert np.all(np.diff(ranked.scores[row][: len(allowed)]) <= 0)
+
+
+def test_seen_items_are_never_returned(planted, trained):
+    _, test = planted
+    ranked = trained.rank(_full(test, k=N_ITEMS))
+    for row, hist in enumerate(test.histories):
+        got = ranked.items[row][ranked.items[row] != PAD]
+        assert not set(got.tolist()) & set(hist.tolist())
+        assert len(got) == N_ITEMS - len(set(hist.tolist()))
+
+
+def test_empty_history_still_ranks(trained):
+    users = np.array([0, 1], dtype=np.int64)
+    histories = [np.array([], dtype=np.int64), np.array([4], dtype=np.int64)]
+    request = RankRequest(users, histories, CandidateSet("full", users, None, True), k=5)
+    ranked = trained.rank(request)
+    assert np.all(ranked.items >= 0) and np.all(np.isfinite(ranked.scores))
+    assert ranked.items[1, 0] == 5  # the planted rule: after item 4 comes item 5
+
+
+def test_early_stopping_keeps_best_epoch(planted):
+    data, _ = planted
+    scores = iter([0.5, 0.9, 0.4, 0.3, 0.2, 0.1, 0.0])
+    method = sasrec.SASRec(_params(epochs=50, patience=3), _ctx(data))
+    method.ctx.validate = lambda ranked: {"ndcg@10": next(scores)}
+    method.fit(data)
+    notes = method.ctx.notes["sasrec"]
+    assert notes["epochs_run"] == 5  # best at epoch 2, then 3 evaluations without improvement
+    assert notes["best_epoch"] == 2
+    assert notes["best_valid_ndcg@10"] == 0.9
+    assert notes["stopped_by"] == "early_stopping"
+
+
+def test_time_budget_stops_after_one_epoch(planted):
+    data, _ = planted
+    method = sasrec.SASRec(_params(epochs=50, max_train_seconds=1e-9), _ctx(data))
+    method.fit(data)
+    notes = method.ctx.notes["sasrec"]
+    assert (notes["epochs_run"], notes["best_epoch"], notes["stopped_by"]) == (1, 1, "max_train_seconds")
+
+
+def test_bad_params_and_unfitted_rank_raise(planted):
+    _, test = planted
+    with pytest.raises(ValueError):
+        sasrec.SASRecParams(loss="hinge")
+    with pytest.raises(ValueError):
+        sasrec.SASRecParams(hidden=10, heads=3)
+    method = sasrec.SASRec(_params(), _ctx(planted[0]))
+    with pytest.raises(Exception, match="before fit"):
+        method.rank(_full(test))

@@ -1,0 +1,150 @@
+"""SFT end to end on tiny synthetic data with a tiny random Llama (seconds on CPU)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import baselines.sft  # noqa: F401  (registers "sft" even before the lead lists it in baselines/__init__)
+from benchmark.config import resolve_params
+from benchmark.errors import ConfigError
+from benchmark.llm.loading import tiny_llm
+from benchmark.registry import RunContext, get_method
+from benchmark.types import PAD, CandidateSet, Catalog, EvalSet, RankRequest, TrainData
+
+TITLES = ["Toy Story", "Heat", "GoldenEye", "Casino", "Babe", "Se7en", "Fargo", "Heat", "Twister", "Clerks"]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    """A tiny random Llama with the SmolLM2 tokenizer, saved as a local model directory."""
+    llm = tiny_llm(hidden=32, layers=2)
+    d = tmp_path_factory.mktemp("tiny-llm")
+    llm.model.save_pretrained(d)
+    llm.tokenizer.save_pretrained(d)
+    return d
+
+
+def tiny_data() -> TrainData:
+    rng = np.random.default_rng(0)
+    n_items = len(TITLES)
+    catalog = Catalog(
+        raw_ids=[str(i + 1) for i in range(n_items)],
+        titles=TITLES,
+        years=[1995] * 7 + [1986, 1996, 1994],  # two "Heat" items: same title, different year
+        genres=[""] * n_items,
+    )
+    train = [rng.permutation(n_items)[:5].astype(np.int64) for _ in range(6)]
+    users = np.arange(6, dtype=np.int64)
+    valid = EvalSet(users, np.array([int(np.setdiff1d(np.arange(n_items), s)[0]) for s in train]), train)
+    return TrainData("tiny", "loo", "fp-tiny", 6, n_items, catalog, train, valid)
+
+
+def make(model_dir: Path, tmp_path: Path, **overrides):
+    cls = get_method("sft")
+    params = resolve_params(
+        "sft", cls.Params,
+        {"sft": {"llm": str(model_dir), "max_train_examples": 8, "epochs": 1, "batch_size": 4, "num_beams": 4,
+                 "eval_batch_size": 4, "valid_users": 3, **overrides}},
+    )
+    scores = []
+
+    def validate(ranked):
+        scores.append(ranked)
+        return {"ndcg@10": 0.0}
+
+    ctx = RunContext(seed=0, device="cpu", work_dir=tmp_path / "work", validate=validate, progress=False)
+    return cls(params, ctx), scores
+
+
+def request_for(data: TrainData, k: int, candidates: CandidateSet | None = None) -> RankRequest:
+    users = data.valid.users
+    hist = [np.append(h, t) for h, t in zip(data.valid.histories, data.valid.targets)]
+    return RankRequest(users, hist, candidates or CandidateSet("full", users), k)
+
+
+def check_rows(ranked, request: RankRequest, n_items: int) -> None:
+    for row, hist in enumerate(request.histories):
+        items = ranked.items[row]
+        real = items[items != PAD]
+        assert len(real) == len(set(real.tolist()))  # distinct
+        assert ((real >= 0) & (real < n_items)).all()  # catalog items only
+        assert not set(real.tolist()) & set(np.asarray(hist).tolist())  # no seen items
+
+
+def test_sft_fit_rank_trie_returns_k_distinct_unseen_catalog_items(model_dir, tmp_path):
+    data = tiny_data()
+    method, _ = make(model_dir, tmp_path)
+    method.fit(data)
+    assert method.n_train == 8
+    request = request_for(data, k=3)
+    ranked = method.rank(request)
+    assert ranked.items.shape == (6, 3)
+    check_rows(ranked, request, data.n_items)
+    # each user saw 6 of 10 items: 4 remain, so k=3 lists are full
+    assert (ranked.items != PAD).all()
+    assert np.all(np.diff(ranked.scores, axis=1) <= 1e-6)  # best first
+    assert (ranked.extras["valid"] == 1).all()
+    assert ranked.info["grounding"] == "trie" and ranked.info["train_examples"] == 8
+    assert method.ctx.notes["sft"]["steps"] == 2
+
+
+def test_sft_respects_sampled_candidates(model_dir, tmp_path):
+    data = tiny_data()
+    method, _ = make(model_dir, tmp_path, early_stopping="none")
+    method.fit(data)
+    users = data.valid.users
+    cands = np.full((6, 3), PAD, dtype=np.int64)
+    for row, (h, t) in enumerate(zip(data.valid.histories, data.valid.targets)):
+        unseen = np.setdiff1d(np.arange(data.n_items), np.append(h, t))
+        cands[row, :2] = unseen[:2]
+    request = request_for(data, k=3, candidates=CandidateSet("sampled:2", users, cands))
+    ranked = method.rank(request)
+    check_rows(ranked, request, data.n_items)
+    for row in range(6):
+        real = ranked.items[row][ranked.items[row] != PAD]
+        assert set(real.tolist()) <= set(cands[row][cands[row] >= 0].tolist())
+        assert len(real) == 2  # both candidates, then PAD
+    assert "PAD" in ranked.info["note"]
+
+
+def test_sft_ndcg_early_stopping_ranks_validation_users(model_dir, tmp_path):
+    data = tiny_data()
+    method, seen = make(model_dir, tmp_path, early_stopping="ndcg", eval_every=1)
+    method.fit(data)
+    assert len(seen) == 2 and len(seen[0].users) == 3  # one validation per step, the seeded subset
+    assert method.result.best_score == 0.0 and method.result.best_step == 1  # ties keep the first
+
+
+@pytest.mark.parametrize("grounding", ["l2", "exact"])
+def test_sft_free_generation_groundings(model_dir, tmp_path, grounding):
+    pytest.importorskip("benchmark.grounding")
+    data = tiny_data()
+    method, _ = make(model_dir, tmp_path, grounding=grounding, max_new_tokens=6, early_stopping="none")
+    method.fit(data)
+    request = request_for(data, k=3)
+    ranked = method.rank(request)
+    check_rows(ranked, request, data.n_items)
+    assert set(np.unique(ranked.extras["valid"]).tolist()) <= {0.0, 1.0}
+    assert ranked.info["grounding"] == grounding
+
+
+def test_cpu_threads_are_restored():
+    import torch
+
+    from baselines.sft import cpu_threads
+
+    before = torch.get_num_threads()
+    with cpu_threads(1):
+        assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == before
+
+
+def test_sft_rejects_bad_params():
+    cls = get_method("sft")
+    with pytest.raises(ConfigError):
+        resolve_params("sft", cls.Params, {"sft": {"grounding": "nearest"}})
+    with pytest.raises(ConfigError):
+        cls.Params(max_train_examples="lots").resolved(__import__("torch").device("cpu"))
