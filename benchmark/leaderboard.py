@@ -12,10 +12,8 @@ from __future__ import annotations
 import io
 import json
 import math
-import os
 import re
 import string
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -24,6 +22,7 @@ import numpy as np
 import pandas as pd
 from tabulate import tabulate
 
+from benchmark.store import atomic_write_bytes
 from benchmark.errors import ConfigError, StoreError
 from benchmark.scoring.metrics import parse_metric
 from benchmark.scoring.stats import (
@@ -496,20 +495,6 @@ def render_png(lb: Leaderboard) -> bytes:
     return buf.getvalue()
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def leaderboard_stem(dataset: str, protocol: str) -> str:
     """"<dataset>-<protocol>" with characters unsafe in file names replaced by '_'."""
     return re.sub(r"[^A-Za-z0-9._-]+", "_", f"{dataset}-{protocol}")
@@ -521,13 +506,13 @@ def write_leaderboard(lb: Leaderboard, out_dir: Path, png: bool = True) -> list[
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = leaderboard_stem(lb.dataset, lb.protocol)
     md_path, json_path = out_dir / f"{stem}.md", out_dir / f"{stem}.json"
-    _atomic_write(md_path, render_markdown(lb).encode("utf-8"))
+    atomic_write_bytes(md_path, render_markdown(lb).encode("utf-8"))
     text = json.dumps(leaderboard_dict(lb), indent=2, ensure_ascii=False, allow_nan=False) + "\n"
-    _atomic_write(json_path, text.encode("utf-8"))
+    atomic_write_bytes(json_path, text.encode("utf-8"))
     paths = [md_path, json_path]
     if png:
         png_path = out_dir / f"{stem}.png"
-        _atomic_write(png_path, render_png(lb))
+        atomic_write_bytes(png_path, render_png(lb))
         paths.append(png_path)
     return paths
 
