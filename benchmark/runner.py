@@ -5,6 +5,7 @@ Test targets are read here once, by the scorer, after a method has returned its 
 
 from __future__ import annotations
 
+import secrets
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -125,7 +126,9 @@ class Runner:
     # -- helpers -----------------------------------------------------------------------
     def _new_run_id(self) -> str:
         stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
-        return f"{stamp}-{self.split.dataset.replace(':', '_').replace('/', '_')}-{self.opts.protocol_label}"
+        name = self.split.dataset.replace(":", "_").replace("/", "_")
+        # a random suffix keeps two runs started in the same second apart
+        return f"{stamp}-{name}-{self.opts.protocol_label}-{secrets.token_hex(2)}"
 
     def _retrieved(self, method: str, k: int) -> dict[int, list[int]]:
         best: UnitFiles | None = None
