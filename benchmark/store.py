@@ -131,10 +131,10 @@ class RunStore:
         return self.run_dir(run_id) / label / f"seed-{seed}"
 
     def work_dir(self, key: str) -> Path:
-        """Checkpoints of an unfinished unit, keyed by its config: a rerun resumes from them."""
-        path = self.root / ".work" / key
-        path.mkdir(parents=True, exist_ok=True)
-        return path
+        """Checkpoints of an unfinished unit, keyed by its config: a rerun resumes from them.
+
+        Not created here: a method that checkpoints creates it (most never need one)."""
+        return self.root / ".work" / key
 
     @property
     def cache_dir(self) -> Path:
