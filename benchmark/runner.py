@@ -21,7 +21,7 @@ from benchmark.manifest import manifest, peak_memory_mb, resolve_device
 from benchmark.registry import RunContext, get_method
 from benchmark.scoring.metrics import coverage, per_user_metrics
 from benchmark.store import RunStore, UnitFiles, unit_key
-from benchmark.types import PAD, CandidateSet, EvalSet, RankedLists, RankRequest, Split
+from benchmark.types import PAD, EvalSet, RankedLists, RankRequest, Split
 
 CUTOFFS = (1, 5, 10, 20)
 EVAL_USER_SEED = 0  # the test-user subsample (--eval-users) is the same for every method and seed
@@ -151,13 +151,6 @@ class Runner:
         metrics = per_user_metrics(np.asarray(ranked.items, dtype=np.int64), targets, CUTOFFS)
         return {name: float(values.mean()) for name, values in metrics.items()}
 
-    def valid_request(self, users: np.ndarray | None = None, k: int = 20) -> RankRequest:
-        valid = self.split.valid
-        rows = np.arange(len(valid)) if users is None else np.searchsorted(valid.users, users)
-        cands = self.valid_candidates
-        sub = CandidateSet(cands.protocol, cands.users[rows], None if cands.items is None else cands.items[rows])
-        return RankRequest(valid.users[rows], [valid.histories[i] for i in rows], sub, k, stage="valid")
-
     # -- one unit ------------------------------------------------------------------------
     def resolve(self, name: str) -> tuple[type, str, Any]:
         return resolve_method(name, self.opts.overrides)
@@ -189,7 +182,6 @@ class Runner:
             llm=self.opts.llm,
             progress=self.opts.progress,
         )
-        ctx.notes["valid_request"] = self.valid_request
         method = cls(params, ctx)
         t0 = time.perf_counter()
         method.fit(self.split.train_data())
@@ -234,7 +226,7 @@ class Runner:
             "eval_time_s": round(eval_s, 3),
             "peak_memory": peak_memory_mb(self.device),
             "validity": float(np.mean(ranked.extras["valid"])) if "valid" in ranked.extras else None,
-            "info": {**ranked.info, **{k: v for k, v in ctx.notes.items() if k != "valid_request"}},
+            "info": {**ranked.info, **ctx.notes},
         }
         config = {
             "key": key,

@@ -412,7 +412,8 @@ def train(
     TrainResult. Methods with another objective (CFT) pass `collate_fn(examples, pad_id,
     device) -> batch`, `loss_fn(model, batch) -> (loss sum, normaliser)` and
     `example_weight(example) -> float` (its share of the step's normaliser); the defaults
-    are right-padded token cross-entropy averaged over the step's labelled tokens. With `work_dir`, checkpoints go to work_dir/checkpoint after each
+    are right-padded token cross-entropy averaged over the step's labelled tokens.
+    With `work_dir`, checkpoints go to work_dir/checkpoint after each
     validation (or epoch) and a rerun with the same config and data resumes from them.
     """
     if not examples:
