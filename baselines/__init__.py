@@ -2,7 +2,7 @@
 
 import importlib
 
-BUILTIN_MODULES = ("random", "pop", "sasrec", "sft", "cft")
+BUILTIN_MODULES = ("random", "pop", "sasrec", "sft", "cft", "llamarec")
 
 
 def _import_builtins() -> None:

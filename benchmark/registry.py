@@ -40,6 +40,9 @@ class RunContext:
     method_loader: Callable[..., Any] | None = None  # other methods' finished rankings (LlamaRec)
     progress: bool = True
     notes: dict[str, Any] = field(default_factory=dict)  # run-level facts a method reports
+    # where a method may keep fitted models keyed by its own fingerprint (None: no caching,
+    # e.g. under --force); SASRec uses it so a first stage is trained once across runs
+    cache_dir: Path | None = None
 
     def rng(self, offset: int = 0) -> np.random.Generator:
         return np.random.default_rng(self.seed + offset)

@@ -97,7 +97,7 @@ def check_ranking(ranked: RankedLists, request: RankRequest, n_items: int, label
             raise MethodError(f"method {label} ranked an item outside the {cands.protocol} candidates")
     scores = None if ranked.scores is None else np.asarray(ranked.scores, dtype=np.float64)[rows]
     extras = {name: np.asarray(v)[rows] for name, v in ranked.extras.items()}
-    return RankedLists(request.users.copy(), items, scores, extras, dict(ranked.info))
+    return RankedLists(request.users.copy(), items, scores, extras, dict(ranked.info), ranked.first_stage)
 
 
 def resolve_method(name: str, overrides: dict[str, dict[str, Any]]) -> tuple[type, str, Any]:
@@ -105,6 +105,44 @@ def resolve_method(name: str, overrides: dict[str, dict[str, Any]]) -> tuple[typ
     cls = get_method(name)
     label = cls.name if ":" in name else name
     return cls, label, resolve_params(label, cls.Params, overrides)
+
+
+def two_stage_report(
+    ranked: RankedLists, metrics: dict[str, np.ndarray], targets: np.ndarray
+) -> tuple[dict[str, Any], np.ndarray, dict[str, np.ndarray]]:
+    """For a reranker: how often the first stage retrieved the target, the final metrics on
+    those users and on all, and the first stage's own metrics on the same users.
+
+    Returns (report, hit per user, first-stage per-user metrics).
+    """
+    first = ranked.first_stage
+    assert first is not None
+    order = {int(u): i for i, u in enumerate(np.asarray(first.users))}
+    rows = np.array([order[int(u)] for u in ranked.users])
+    first_items = np.asarray(first.items, dtype=np.int64)[rows]
+    width = first_items.shape[1]
+    retrieved = int(first.info.get("k", width))  # the reranked depth; a wider list only feeds the tail
+    hits = (first_items[:, :retrieved] == targets[:, None]).any(axis=1)
+    k = ranked.items.shape[1]
+    if width < k:
+        first_items = np.pad(first_items, ((0, 0), (0, k - width)), constant_values=PAD)
+    first_metrics = per_user_metrics(first_items[:, :k], targets, CUTOFFS)
+
+    def means(values: dict[str, np.ndarray], mask: np.ndarray | None = None) -> dict[str, float]:
+        if mask is not None and not mask.any():
+            return {}
+        return {m: float(v[mask].mean() if mask is not None else v.mean()) for m, v in values.items()}
+
+    report = {
+        "first_stage": first.info.get("method", "first stage"),
+        "first_stage_k": retrieved,
+        "retrieval_hit_rate": float(hits.mean()),
+        "users_with_hit": int(hits.sum()),
+        "means_on_hits": means(metrics, hits),
+        "first_stage_means": means(first_metrics),
+        "first_stage_means_on_hits": means(first_metrics, hits),
+    }
+    return report, hits, first_metrics
 
 
 class Runner:
@@ -122,6 +160,9 @@ class Runner:
         )
         self._valid_targets = dict(zip(split.valid.users.tolist(), split.valid.targets.tolist()))
         self.run_id = opts.run_id or self._new_run_id()
+        self._fitted: dict[str, Any] = {}  # unit key -> fitted non-LLM method, shared within a run
+        self._fit_seconds: dict[str, float] = {}
+        self._splits: dict[str, Split] = {split.dataset: split}
 
     # -- helpers -----------------------------------------------------------------------
     def _new_run_id(self) -> str:
@@ -145,6 +186,64 @@ class Runner:
             )
         return best.rankings()
 
+    def load_dataset(self, spec: str) -> Split:
+        """Another dataset under this run's split protocol and k-core (CALRec's stage 1)."""
+        from benchmark.data.split import prepare_split
+
+        spec = spec.strip()
+        if spec not in self._splits:
+            self._splits[spec] = prepare_split(
+                spec, protocol=self.split.protocol, kcore=int(self.split.config.get("kcore", 5)),
+                data_dir=self.opts.data_dir if spec == self.split.dataset else None,
+                cache_dir=self.store.cache_dir,
+            )
+        return self._splits[spec]
+
+    def load_method(self, name: str, seed: int) -> Any:
+        """A fitted instance of method `name` (resolved with this run's --set overrides) for `seed`.
+
+        A method already fitted in this run (e.g. `--methods sasrec,llamarec`) is shared, so
+        a two-stage method's first stage is the very model that was scored on its own.
+        """
+        cls, label, params = self.resolve(name)
+        if getattr(cls, "uses_llm", False):
+            raise ConfigError(f"{name} is an LLM method; only classic methods can serve as a first stage")
+        key = unit_key(self._key_payload(cls, label, params, seed))
+        if key not in self._fitted:
+            ctx = self._context(seed, key)
+            method = cls(params, ctx)
+            t0 = time.perf_counter()
+            method.fit(self.split.train_data())
+            self._fit_seconds[key] = time.perf_counter() - t0
+            self._fitted[key] = method
+        return self._fitted[key]
+
+    def _context(self, seed: int, key: str) -> RunContext:
+        return RunContext(
+            seed=seed,
+            device=self.device,
+            work_dir=self.store.work_dir(key),
+            validate=self.validate,
+            llm=self.opts.llm,
+            dataset_loader=self.load_dataset,
+            method_loader=lambda name, s=seed: self.load_method(name, s),
+            progress=self.opts.progress,
+            cache_dir=None if self.opts.force else self.store.cache_dir,
+        )
+
+    def _key_payload(self, cls: type, label: str, params: Any, seed: int) -> dict[str, Any]:
+        return {
+            "method": label,
+            "class": f"{cls.__module__}.{cls.__qualname__}",
+            "params": params_dict(params),
+            "llm": self.opts.llm if getattr(cls, "uses_llm", False) else None,
+            "seed": seed,
+            "split": self.split.fingerprint,
+            "candidates": self.opts.candidates,
+            "users": self.opts.eval_users,
+            "k": self.opts.k,
+        }
+
     def validate(self, ranked: RankedLists) -> dict[str, float]:
         """Validation metric means for a ranking of (a subset of) the validation users."""
         targets = np.array([self._valid_targets[int(u)] for u in ranked.users], dtype=np.int64)
@@ -157,35 +256,25 @@ class Runner:
 
     def run_unit(self, name: str, seed: int) -> UnitOutcome:
         cls, label, params = self.resolve(name)
-        key_payload = {
-            "method": label,
-            "class": f"{cls.__module__}.{cls.__qualname__}",
-            "params": params_dict(params),
-            "llm": self.opts.llm if getattr(cls, "uses_llm", False) else None,
-            "seed": seed,
-            "split": self.split.fingerprint,
-            "candidates": self.opts.candidates,
-            "users": self.opts.eval_users,
-            "k": self.opts.k,
-        }
+        key_payload = self._key_payload(cls, label, params, seed)
         key = unit_key(key_payload)
         if not self.opts.force:
             done = self.store.find_finished(key)
             if done is not None:
                 path = self.store.copy_unit(done, self.run_id, label, seed)
                 return UnitOutcome(label, seed, path, UnitFiles(path).metrics, True)
-        ctx = RunContext(
-            seed=seed,
-            device=self.device,
-            work_dir=self.store.work_dir(key),
-            validate=self.validate,
-            llm=self.opts.llm,
-            progress=self.opts.progress,
-        )
-        method = cls(params, ctx)
+        ctx = self._context(seed, key)
         t0 = time.perf_counter()
-        method.fit(self.split.train_data())
-        train_s = time.perf_counter() - t0
+        if key in self._fitted:  # already fitted as another method's first stage in this run
+            method = self._fitted[key]
+            train_s = self._fit_seconds.get(key, 0.0)
+        else:
+            method = cls(params, ctx)
+            method.fit(self.split.train_data())
+            train_s = time.perf_counter() - t0
+            if not getattr(cls, "uses_llm", False):
+                self._fitted[key] = method
+                self._fit_seconds[key] = train_s
         request = RankRequest(self.test.users, self.test.histories, self.test_candidates, self.opts.k, stage="test")
         t1 = time.perf_counter()
         ranked = check_ranking(method.rank(request), request, self.split.n_items, label)
@@ -216,6 +305,12 @@ class Runner:
                     "scores": None if ranked.scores is None else [round(float(s), 6) for s in ranked.scores[row][keep]],
                 }
             )
+        two_stage = None
+        if ranked.first_stage is not None:
+            two_stage, hits, first = two_stage_report(ranked, metrics, targets)
+            for row, rec in enumerate(per_user_rows):
+                rec["in_first_stage"] = float(hits[row])
+                rec["first_stage_ndcg@10"] = float(first["ndcg@10"][row])
         in_cands = target_in_candidates(self.test_candidates, targets)
         summary = {
             "means": {m: float(v.mean()) for m, v in metrics.items()},
@@ -226,6 +321,7 @@ class Runner:
             "eval_time_s": round(eval_s, 3),
             "peak_memory": peak_memory_mb(self.device),
             "validity": float(np.mean(ranked.extras["valid"])) if "valid" in ranked.extras else None,
+            "two_stage": two_stage,
             "info": {**ranked.info, **ctx.notes},
         }
         config = {

@@ -161,3 +161,6 @@ class RankedLists:
     scores: np.ndarray | None = None  # float [n, k]
     extras: dict[str, np.ndarray] = field(default_factory=dict)
     info: dict[str, Any] = field(default_factory=dict)  # run-level notes (grounding used, ...)
+    # two-stage methods: the first stage's own top lists for the same users (LlamaRec's
+    # retriever); the runner reports its hit rate and metrics beside the final ones
+    first_stage: RankedLists | None = None

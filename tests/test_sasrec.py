@@ -232,3 +232,25 @@ def test_bad_params_and_unfitted_rank_raise(planted):
     method = sasrec.SASRec(_params(), _ctx(planted[0]))
     with pytest.raises(Exception, match="before fit"):
         method.rank(_full(test))
+
+
+def test_fitted_model_is_cached_by_fingerprint_and_reloaded(tmp_path):
+    data, test = _planted_split()
+    request = RankRequest(test.users, test.histories, CandidateSet("full", test.users), k=10)
+
+    def fit(seed: int) -> sasrec.SASRec:
+        ctx = _ctx(data, seed=seed)
+        ctx.cache_dir = tmp_path
+        model = sasrec.SASRec(_params(epochs=2), ctx)
+        model.fit(data)
+        return model
+
+    first = fit(0)
+    assert "loaded_from" not in first.ctx.notes["sasrec"]
+    assert len(list((tmp_path / "models").glob("sasrec-*.pt"))) == 1
+    again = fit(0)
+    assert again.ctx.notes["sasrec"]["loaded_from"].startswith(str(tmp_path))
+    np.testing.assert_array_equal(first.rank(request).items, again.rank(request).items)
+    other = fit(1)  # another seed is another model
+    assert "loaded_from" not in other.ctx.notes["sasrec"]
+    assert len(list((tmp_path / "models").glob("sasrec-*.pt"))) == 2
