@@ -316,5 +316,7 @@ class LlamaRec(Method):
         stage1 = RankedLists(users=np.asarray(request.users).copy(), items=first_items,
                              info={"method": p.retriever, "k": p.k})
         info = {"retriever": p.retriever, "k": p.k, "test_order": p.test_order, "llm": self.llm.name,
-                "train_examples": self.n_train, "history_len": self._history_len()}
+                "train_examples": self.n_train, "history_len": self._history_len(),
+                "leaderboard_note": f"{self.llm.name} reranks the {p.retriever} top-{p.k} ({p.test_order} order), "
+                                    f"{self.n_train} training examples"}
         return RankedLists(users=np.asarray(request.users).copy(), items=final, info=info, first_stage=stage1)

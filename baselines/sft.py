@@ -325,6 +325,8 @@ class SFT(Method):
             "llm": self.llm.name,
             "train_examples": self.n_train,
             "item_text": self.params.item_text,
+            "leaderboard_note": f"{self.llm.name}, {self.n_train} training examples, {grounding} grounding"
+                                + (f", {nb} beams" if grounding == "trie" else ""),
         }
         short = int((ranked.items == PAD).any(axis=1).sum())
         if short:

@@ -79,6 +79,30 @@ class LeaderboardRow:
     train_time_s: float | None = None
     eval_time_s: float | None = None
     validity: float | None = None
+    notes: list[str] = field(default_factory=list)  # what a reader needs beside the numbers (per seed if they differ)
+
+
+def unit_note(metrics: dict) -> str:
+    """One line about how a unit produced its ranking: the method's own `leaderboard_note`
+    (grounding, inference mode, LLM-stage cost) and, for two-stage methods, the retrieval hit
+    rate and the first stage's own NDCG@10 on the same users."""
+    info = metrics.get("info") or {}
+    parts = []
+    if info.get("leaderboard_note"):
+        parts.append(str(info["leaderboard_note"]))
+    two = metrics.get("two_stage")
+    if two:
+        on_hits = (two.get("means_on_hits") or {}).get("ndcg@10")
+        first_hits = (two.get("first_stage_means_on_hits") or {}).get("ndcg@10")
+        first_all = (two.get("first_stage_means") or {}).get("ndcg@10")
+        text = (f"first stage {two.get('first_stage')} top-{two.get('first_stage_k')}: target retrieved for "
+                f"{100 * two['retrieval_hit_rate']:.1f}% of users")
+        if on_hits is not None and first_hits is not None:
+            text += f"; NDCG@10 on those users {on_hits:.4f} (first stage alone {first_hits:.4f})"
+        if first_all is not None:
+            text += f"; first stage alone on all users {first_all:.4f}"
+        parts.append(text)
+    return "; ".join(parts)
 
 
 @dataclass
@@ -253,6 +277,7 @@ def build_leaderboard(
                 train_time_s=_mean_of([u.metrics.get("train_time_s") for u in group]),
                 eval_time_s=_mean_of([u.metrics.get("eval_time_s") for u in group]),
                 validity=_mean_of([u.metrics.get("validity") for u in group]),
+                notes=_row_notes(group),
             )
         )
     by_name = {r.label: r for r in rows}
@@ -336,6 +361,14 @@ def _significance_sentence(lb: Leaderboard) -> str:
     )
 
 
+def _row_notes(group: list) -> list[str]:
+    notes = [(u.seed, unit_note(u.metrics)) for u in group]
+    distinct = {n for _, n in notes if n}
+    if len(distinct) <= 1:
+        return sorted(distinct)
+    return [f"seed {seed}: {n}" for seed, n in notes if n]
+
+
 def render_markdown(lb: Leaderboard) -> str:
     conf = f"{100 * lb.confidence:g}%"
     lines = [f"# Leaderboard: {lb.dataset} — {lb.protocol}", ""]
@@ -407,6 +440,11 @@ def render_markdown(lb: Leaderboard) -> str:
     for r in lb.rows:
         runs = ", ".join(f"`{rid}` (seed {s})" for s, rid in zip(r.seeds, r.run_ids))
         lines.append(f"- {r.letter}: {r.label} ({r.method}): {runs}")
+    noted = [r for r in lb.rows if r.notes]
+    if noted:
+        lines += ["", "## Method notes", ""]
+        for r in noted:
+            lines.append(f"- {r.letter}: {r.label}: " + " | ".join(r.notes))
     return "\n".join(lines) + "\n"
 
 
@@ -451,6 +489,7 @@ def leaderboard_dict(lb: Leaderboard) -> dict:
                     "train_time_s": r.train_time_s,
                     "eval_time_s": r.eval_time_s,
                     "validity": r.validity,
+                    "notes": r.notes,
                     "metrics": {
                         m: {
                             "mean": r.mean[m],

@@ -191,3 +191,21 @@ def test_compare_units_renders_every_metric():
     bad = _unit("weak-a", "pop", 0, 0.2, [f"v{i}" for i in range(N_USERS)])
     with pytest.raises(StoreError):
         compare_units(units[0], bad, METRICS, n_permutations=PERM, n_resamples=500)
+
+
+def test_method_notes_show_two_stage_hit_rate_and_method_notes():
+    units = _units()
+    two_stage = {"first_stage": "sasrec", "first_stage_k": 20, "retrieval_hit_rate": 0.25,
+                 "means_on_hits": {"ndcg@10": 0.41}, "first_stage_means_on_hits": {"ndcg@10": 0.38},
+                 "first_stage_means": {"ndcg@10": 0.095}}
+    for u in units:
+        if u.label == "weak-b":
+            u.metrics = {**u.metrics, "two_stage": two_stage, "info": {"leaderboard_note": "reranks top-20"}}
+    board = _build(units)
+    assert board.row("weak-b").notes == [
+        "reranks top-20; first stage sasrec top-20: target retrieved for 25.0% of users; NDCG@10 on those users "
+        "0.4100 (first stage alone 0.3800); first stage alone on all users 0.0950"
+    ]
+    assert board.row("strong").notes == []
+    md = render_markdown(board)
+    assert "## Method notes" in md and "target retrieved for 25.0% of users" in md
