@@ -2,7 +2,7 @@
 
 import importlib
 
-BUILTIN_MODULES = ("random", "pop", "sasrec", "sft", "cft", "llamarec")
+BUILTIN_MODULES = ("random", "pop", "sasrec", "sft", "cft", "llamarec", "calrec")
 
 
 def _import_builtins() -> None:

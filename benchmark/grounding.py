@@ -165,3 +165,99 @@ def ground_l2(
             ranked = interleave_round_robin([row.tolist() for row in order[i]], k, ex_sets[i])
             out.append(np.asarray(ranked, dtype=np.int64))
     return out
+
+
+# -- BM25 grounding (CALRec's quasi-round-robin retrieval) ----------------------------------------
+
+
+class BM25Index:
+    """A BM25 index (the `bm25s` library) over catalog item texts, item id = row.
+
+    Texts are tokenized by bm25s (lower case, words of 2+ characters; `stopwords` None keeps
+    every word, "en" drops English stopwords). `topk` breaks score ties by item id.
+    """
+
+    def __init__(self, catalog_texts: Sequence[str], *, k1: float = 1.5, b: float = 0.75,
+                 stopwords: str | None = None):
+        try:
+            import bm25s
+        except ImportError as exc:  # pragma: no cover - bm25s is a dependency
+            raise ImportError("BM25 grounding needs the `bm25s` package: pip install bm25s") from exc
+        self._bm25s = bm25s
+        self.stopwords = stopwords
+        self.n_items = len(catalog_texts)
+        if self.n_items == 0:
+            raise ValueError("BM25Index needs at least one item text")
+        self.retriever = bm25s.BM25(k1=k1, b=b)
+        self.retriever.index(self.tokenize(catalog_texts), show_progress=False)
+
+    def tokenize(self, texts: Sequence[str]) -> list[list[str]]:
+        return self._bm25s.tokenize([str(t) for t in texts], stopwords=self.stopwords, return_ids=False,
+                                    show_progress=False)
+
+    def topk(self, queries: Sequence[str], k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(item ids [n, k], scores [n, k]) of each query's k best items, ties by id."""
+        k = max(1, min(int(k), self.n_items))
+        if not len(queries):
+            return np.zeros((0, k), dtype=np.int64), np.zeros((0, k), dtype=np.float32)
+        docs, scores = self.retriever.retrieve(self.tokenize(queries), k=k, show_progress=False, n_threads=0)
+        docs, scores = np.asarray(docs, dtype=np.int64), np.asarray(scores, dtype=np.float32)
+        docs, scores = docs.reshape(len(queries), -1), scores.reshape(len(queries), -1)
+        order = np.lexsort((docs, -scores), axis=1)  # best score first, ties by id
+        return np.take_along_axis(docs, order, 1), np.take_along_axis(scores, order, 1)
+
+
+def ground_bm25(
+    texts: Sequence[Sequence[str]],
+    catalog_texts: Sequence[str] | BM25Index,
+    *,
+    k: int,
+    exclude: Sequence[np.ndarray] | None = None,
+    per_generation: int | None = None,
+    min_score: float = 0.0,
+    k1: float = 1.5,
+    b: float = 0.75,
+    chunk_users: int = 256,
+) -> list[np.ndarray]:
+    """CALRec's quasi-round-robin BM25 grounding of several generations per user.
+
+    texts[u]: the user's generations, in the order their lists are interleaved (best
+    first). Each generation retrieves its BM25 top list over the catalog texts (items
+    scoring <= min_score, i.e. sharing no word, are dropped); the lists are merged
+    round-robin (gen0 #1, gen1 #1, ..., gen0 #2, ...) skipping repeats and excluded ids.
+    per_generation: length of each list (default k + the user's number of exclusions, so
+    exclusions never shorten a list below k). `catalog_texts` may be a prebuilt BM25Index.
+    Returns up to k item ids per user (shorter when the generations match too few items).
+    """
+    index = catalog_texts if isinstance(catalog_texts, BM25Index) else BM25Index(catalog_texts, k1=k1, b=b)
+    if exclude is not None and len(exclude) != len(texts):
+        raise ValueError(f"exclude has {len(exclude)} entries for {len(texts)} users")
+    out: list[np.ndarray] = []
+    ex_all = [_exclude_set(exclude, u) for u in range(len(texts))]
+    start = 0
+    while start < len(texts):
+        # a chunk of users whose (queries x list depth) result arrays stay below ~2e7 entries
+        end, depth, n_queries = start, 1, 0
+        while end < len(texts) and end - start < chunk_users:
+            d = per_generation or (k + len(ex_all[end]))
+            if end > start and (n_queries + len(texts[end])) * max(depth, d) > 20_000_000:
+                break
+            depth, n_queries = max(depth, d), n_queries + len(texts[end])
+            end += 1
+        rows = range(start, end)
+        start = end
+        ex_sets = {u: ex_all[u] for u in rows}
+        queries = [str(t) for u in rows for t in texts[u]]
+        docs, scores = index.topk(queries, depth)
+        pos = 0
+        for u in rows:
+            lists = []
+            for _ in texts[u]:
+                keep = scores[pos] > min_score
+                lists.append(docs[pos][keep].tolist())
+                pos += 1
+            out.append(np.asarray(interleave_round_robin(lists, k, ex_sets[u]), dtype=np.int64))
+    return out
+
+
+__all__ += ["BM25Index", "ground_bm25"]

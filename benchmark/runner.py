@@ -5,6 +5,7 @@ Test targets are read here once, by the scorer, after a method has returned its 
 
 from __future__ import annotations
 
+import re
 import secrets
 import time
 from dataclasses import dataclass, field
@@ -101,7 +102,19 @@ def check_ranking(ranked: RankedLists, request: RankRequest, n_items: int, label
 
 
 def resolve_method(name: str, overrides: dict[str, dict[str, Any]]) -> tuple[type, str, Any]:
-    """The method class, its label and its resolved hyperparameters (raises on bad input)."""
+    """The method class, its label and its resolved hyperparameters (raises on bad input).
+
+    `LABEL=METHOD` runs METHOD under its own label, so one method can appear twice with
+    different settings (`--methods calrec,calrec_dense=calrec --set calrec_dense.inference=dense`);
+    `--set LABEL.field=value` then applies to that label only.
+    """
+    label, sep, target = name.partition("=")
+    if sep:
+        label, target = label.strip(), target.strip()
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.+-]*", label) or not target:
+            raise ConfigError(f"--methods {name!r}: write LABEL=METHOD with a label of letters, digits, _ . + -")
+        cls = get_method(target)
+        return cls, label, resolve_params(label, cls.Params, overrides)
     cls = get_method(name)
     label = cls.name if ":" in name else name
     return cls, label, resolve_params(label, cls.Params, overrides)

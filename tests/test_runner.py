@@ -13,7 +13,7 @@ from benchmark.config import parse_sets, resolve_params
 from benchmark.data.synthetic import tiny_split
 from benchmark.errors import ConfigError, MethodError
 from benchmark.registry import Method, get_method
-from benchmark.runner import RunOptions, Runner, check_ranking, subsample_users
+from benchmark.runner import RunOptions, Runner, check_ranking, resolve_method, subsample_users
 from benchmark.store import RunStore
 from benchmark.types import PAD, CandidateSet, RankedLists, RankRequest
 
@@ -197,3 +197,15 @@ def test_plugin_method_beats_pop_on_planted_sequences(tmp_path):
     markov, pop = (o.metrics["means"]["ndcg@10"] for o in outs)
     assert outs[0].label == "markov"
     assert markov > 1.5 * pop  # measured 0.438 vs 0.232
+
+
+def test_label_alias_runs_one_method_twice_with_separate_overrides(split, tmp_path):
+    overrides = {"rand_b": {}}  # the label, not the method, takes --set values
+    _, outcomes = run(split, tmp_path, ["random", "rand_b=random"], overrides=overrides)
+    assert [o.label for o in outcomes] == ["random", "rand_b"]
+    config = json.loads((outcomes[1].path / "config.json").read_text())
+    assert config["label"] == "rand_b" and config["method"].endswith("RandomRec")
+    with pytest.raises(ConfigError, match="LABEL=METHOD"):
+        resolve_method("bad label=random", {})
+    with pytest.raises(ConfigError, match="unknown method"):
+        resolve_method("x=nosuchmethod", {})
