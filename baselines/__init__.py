@@ -2,7 +2,7 @@
 
 import importlib
 
-BUILTIN_MODULES = ("random", "pop", "sasrec", "sft", "cft", "llamarec", "calrec")
+BUILTIN_MODULES = ("random", "pop", "sasrec", "sft", "cft", "llamarec", "calrec", "p2rec")
 
 
 def _import_builtins() -> None:
