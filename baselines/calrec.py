@@ -156,10 +156,7 @@ CALRecExample = tuple[np.ndarray, np.ndarray, int, int, np.ndarray]
 
 
 def _auto(value: Any, name: str, auto: int | None, allow_all: bool = False) -> int | None:
-    try:
-        return _auto_int(value, name, auto, allow_all=allow_all)
-    except ConfigError as exc:
-        raise ConfigError(str(exc).replace("sft.", "calrec.", 1)) from None
+    return _auto_int(value, name, auto, allow_all=allow_all, method="calrec")
 
 
 def parse_specs(text: str) -> list[str]:

@@ -97,13 +97,14 @@ class LlamaRecParams:
 
     def resolved(self, device: torch.device) -> dict[str, int | None]:
         gpu = device.type == "cuda"
-        every = _auto_int(self.eval_every, "eval_every", 200 if gpu else 1_000_000_000)
+        def auto(field: str, value: int | None, allow_all: bool = False) -> int | None:
+            return _auto_int(getattr(self, field), field, value, allow_all=allow_all, method="llamarec")
+
         return {
-            "max_train_examples": _auto_int(self.max_train_examples, "max_train_examples", None if gpu else 128,
-                                            allow_all=True),
-            "history_len": _auto_int(self.history_len, "history_len", 20 if gpu else 10),
-            "valid_users": _auto_int(self.valid_users, "valid_users", 512 if gpu else 32, allow_all=True),
-            "eval_every": 0 if every == 1_000_000_000 else every,
+            "max_train_examples": auto("max_train_examples", None if gpu else 128, allow_all=True),
+            "history_len": auto("history_len", 20 if gpu else 10),
+            "valid_users": auto("valid_users", 512 if gpu else 32, allow_all=True),
+            "eval_every": auto("eval_every", 200 if gpu else None) or 0,  # 0: once per epoch
         }
 
 

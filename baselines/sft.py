@@ -68,8 +68,8 @@ from benchmark.types import PAD, CandidateSet, RankedLists, RankRequest, TrainDa
 GROUNDINGS = ("trie", "l2", "exact")
 
 
-def _auto_int(value: Any, name: str, auto: int | None, allow_all: bool = False) -> int | None:
-    """Params typed str so that "auto" (and "all") fit beside integers."""
+def _auto_int(value: Any, name: str, auto: int | None, allow_all: bool = False, method: str = "sft") -> int | None:
+    """Params typed str so that "auto" (and "all") fit beside integers; errors name `method.name`."""
     text = str(value).strip().lower()
     if text in ("auto", ""):
         return auto
@@ -78,9 +78,9 @@ def _auto_int(value: Any, name: str, auto: int | None, allow_all: bool = False) 
     try:
         number = int(float(text))
     except ValueError:
-        raise ConfigError(f"sft.{name}={value!r}: expected an integer or 'auto'") from None
+        raise ConfigError(f"{method}.{name}={value!r}: expected an integer or 'auto'") from None
     if number < 1:
-        raise ConfigError(f"sft.{name}={value!r}: must be at least 1")
+        raise ConfigError(f"{method}.{name}={value!r}: must be at least 1")
     return number
 
 

@@ -221,3 +221,14 @@ def test_validation_reranks_only_users_whose_target_was_retrieved(model_dir, tmp
         for u, row in zip(ranked.users, ranked.items):
             assert targets[int(u)] in row.tolist()
     assert method.ctx.notes["llamarec"]["best_valid_ndcg@10"] == 0.5
+
+
+def test_auto_params_resolve_by_device_and_name_the_method_in_errors():
+    p = llamarec_module.LlamaRecParams()
+    cpu, gpu = p.resolved(torch.device("cpu")), p.resolved(torch.device("cuda"))
+    assert (cpu["max_train_examples"], cpu["history_len"], cpu["eval_every"]) == (128, 10, 0)
+    assert (gpu["max_train_examples"], gpu["history_len"], gpu["eval_every"]) == (None, 20, 200)
+    with pytest.raises(ConfigError, match=r"llamarec\.max_train_examples='x'"):
+        llamarec_module.LlamaRecParams(max_train_examples="x").resolved(torch.device("cpu"))
+    with pytest.raises(ValueError, match="test_order"):
+        llamarec_module.LlamaRecParams(test_order="random")
