@@ -34,8 +34,9 @@ every example, history 20 (the reference's), validation every 200 steps on 512 u
 
 from __future__ import annotations
 
+import json
 import math
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, is_dataclass
 from typing import Any
 
 import numpy as np
@@ -45,7 +46,15 @@ from baselines.sft import _auto_int, cpu_threads
 from benchmark.errors import ConfigError
 from benchmark.llm.loading import LLM, load_llm, resolve_device
 from benchmark.llm.prompts import IGNORE, ITEM_TEXT_STYLES, PromptTemplate, catalog_texts, prompt_frame
-from benchmark.llm.training import TrainConfig, TrainResult, cap_examples, merge_for_inference, prepare_model, train
+from benchmark.llm.training import (
+    TrainConfig,
+    TrainResult,
+    cap_examples,
+    merge_for_inference,
+    prepare_model,
+    train,
+    training_dir,
+)
 from benchmark.llm.verbalizer import index_labels, label_token_ids, verbalizer_scores
 from benchmark.registry import Method, register_method
 from benchmark.types import PAD, CandidateSet, RankedLists, RankRequest, TrainData
@@ -229,7 +238,12 @@ class LlamaRec(Method):
         model = prepare_model(self.llm.model, config)
         extra = (f"llamarec|{self.llm.path}|{p.item_text}|{auto['history_len']}|{p.k}|{p.title_tokens}|"
                  f"{p.retriever}|{data.fingerprint}")
-        model, self.result = train(model, examples, config, pad_id=self.llm.pad_id, work_dir=self.ctx.work_dir,
+        # the retriever's settings shape validation (which users, which candidates), so they key training too
+        retriever_params = getattr(self.retriever, "params", None)
+        key_extra = f"{extra}|{getattr(validate, 'n_users', 0)}|" + (
+            json.dumps(asdict(retriever_params), sort_keys=True, default=str) if is_dataclass(retriever_params) else "")
+        work = training_dir(self.ctx, "llamarec", p, ("test_order", "eval_batch_size", "num_threads"), key_extra)
+        model, self.result = train(model, examples, config, pad_id=self.llm.pad_id, work_dir=work,
                                    validate=validate, fingerprint_extra=extra)
         self.llm.model = merge_for_inference(model)
         self.ctx.notes["llamarec"] = {

@@ -25,7 +25,9 @@ Device-dependent defaults ("auto"): on CUDA every training position is an exampl
 validation users, 20 beams; on CPU 256 examples, 32 validation users, 10 beams, so that a
 CPU run of ML-100K with ~100 evaluated users takes about 20 minutes (bench/RESULTS.md).
 BIGRec's own setting is 1,024 examples: `--set sft.max_train_examples=1024`.
-A rerun with the same configuration resumes from (or reuses) the checkpoint in ctx.work_dir.
+A rerun with the same training configuration resumes from (or reuses) its checkpoint, kept in the
+run store's model cache by a key of every hyperparameter but the inference-only ones
+(`training_dir`), so another grounding, another --eval-users or --candidates trains nothing new.
 
 Early stopping: ``early_stopping="loss"`` (default, cheap) keeps the weights with the lowest
 loss on a seeded subset of validation users; ``"ndcg"`` ranks that subset with the trie and
@@ -61,6 +63,7 @@ from benchmark.llm.training import (
     prepare_model,
     sequence_examples,
     train,
+    training_dir,
 )
 from benchmark.registry import Method, register_method
 from benchmark.types import PAD, CandidateSet, RankedLists, RankRequest, TrainData
@@ -269,7 +272,8 @@ class SFT(Method):
         model = prepare_model(self.llm.model, config)
         extra = f"{self.llm.path}|{p.item_text}|{p.prompt}|{p.history_len}|{data.fingerprint}|{p.early_stopping}"
         model, self.result = train(
-            model, examples, config, pad_id=self.llm.pad_id, work_dir=self.ctx.work_dir, validate=validate,
+            model, examples, config, pad_id=self.llm.pad_id, validate=validate,
+            work_dir=training_dir(self.ctx, self.name or "sft", p, self.inference_fields(), f"{extra}|{len(rows)}"),
             fingerprint_extra=extra, **self.train_hooks(),
         )
         self.llm.model = merge_for_inference(model)
@@ -289,6 +293,11 @@ class SFT(Method):
         steps_per_epoch = max(1, math.ceil(math.ceil(n_examples / config.batch_size) / config.grad_accum))
         total = config.max_steps or steps_per_epoch * config.epochs
         return total <= (config.eval_every or steps_per_epoch)
+
+    def inference_fields(self) -> tuple[str, ...]:
+        """Hyperparameters that do not change the trained weights (checkpoints are shared across them)."""
+        fields = ("grounding", "max_new_tokens", "eval_batch_size", "num_threads")
+        return fields if self.params.early_stopping == "ndcg" else fields + ("num_beams",)
 
     def train_hooks(self) -> dict[str, Any]:
         """Overrides of the training objective (batching, loss); SFT uses the defaults."""

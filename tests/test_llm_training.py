@@ -191,3 +191,23 @@ def test_full_finetuning_keeps_fp32_master_weights(tokenizer):
     llm = fresh(tokenizer)
     model = prepare_model(llm.model.to(torch.bfloat16), TrainConfig(lora=False, progress=False))
     assert all(p.dtype == torch.float32 and p.requires_grad for p in model.parameters())
+
+
+def test_training_dir_is_shared_across_inference_settings_only(tmp_path):
+    from types import SimpleNamespace
+
+    from baselines.cft import CFTParams
+    from baselines.sft import SFTParams
+    from benchmark.llm.training import training_dir
+
+    ctx = SimpleNamespace(cache_dir=tmp_path / "cache", work_dir=tmp_path / "work", seed=0)
+    inference = ("grounding", "num_beams", "eval_batch_size", "num_threads", "max_new_tokens")
+    base = training_dir(ctx, "sft", SFTParams(), inference, "extra")
+    assert base.parent == tmp_path / "cache" / "models"
+    assert training_dir(ctx, "sft", SFTParams(grounding="l2", num_beams="4"), inference, "extra") == base
+    assert training_dir(ctx, "sft", SFTParams(lr=1e-3), inference, "extra") != base
+    assert training_dir(ctx, "sft", SFTParams(), inference, "other data") != base
+    assert training_dir(SimpleNamespace(**{**vars(ctx), "seed": 1}), "sft", SFTParams(), inference, "extra") != base
+    assert training_dir(ctx, "cft", CFTParams(), inference, "extra") != base  # another objective
+    no_cache = SimpleNamespace(cache_dir=None, work_dir=tmp_path / "work", seed=0)
+    assert training_dir(no_cache, "sft", SFTParams(), inference, "extra") == tmp_path / "work"

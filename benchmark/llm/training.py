@@ -226,6 +226,23 @@ def cap_examples(items: list, cap: int | None, seed: int) -> list:
     return [items[i] for i in keep]
 
 
+def training_dir(ctx: Any, method: str, params: Any, inference_fields: Sequence[str], extra: str) -> Path:
+    """Where a method's training checkpoints live.
+
+    With a model cache (ctx.cache_dir, the run store's; None under --force) the directory is
+    keyed by what determines training: the method, every hyperparameter except those that only
+    change inference (`inference_fields`), the seed and `extra` (model path, data fingerprint,
+    validation set...). Units that differ only in inference settings, the evaluated users or the
+    candidate protocol then train once. Without a cache: the unit's own work directory.
+    """
+    cache = getattr(ctx, "cache_dir", None)
+    if cache is None:
+        return Path(ctx.work_dir)
+    values = {k: v for k, v in asdict(params).items() if k not in set(inference_fields)}
+    payload = json.dumps([method, values, int(ctx.seed), extra], sort_keys=True, default=str)
+    return Path(cache) / "models" / f"{method}-{hashlib.sha256(payload.encode()).hexdigest()[:20]}"
+
+
 def default_max_examples(device: torch.device | str) -> int | None:
     """BIGRec trains on 1,024 examples: the CPU default; on CUDA every example."""
     return None if torch.device(device).type == "cuda" else 1024
