@@ -440,6 +440,13 @@ class CALRec(Method):
     Params = CALRecParams
     uses_llm = True
 
+    @classmethod
+    def check_params(cls, params: CALRecParams) -> None:
+        from benchmark.data import check_dataset
+
+        for spec in parse_specs(params.stage1):
+            check_dataset(spec)  # an unknown stage-1 dataset fails before any work
+
     def __init__(self, params: CALRecParams, ctx):
         super().__init__(params, ctx)
         self.llm: LLM | None = None

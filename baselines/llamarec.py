@@ -56,7 +56,7 @@ from benchmark.llm.training import (
     training_dir,
 )
 from benchmark.llm.verbalizer import index_labels, label_token_ids, verbalizer_scores
-from benchmark.registry import Method, register_method
+from benchmark.registry import Method, get_method, register_method
 from benchmark.types import PAD, CandidateSet, RankedLists, RankRequest, TrainData
 
 SYSTEM = "Given user history in chronological order, recommend an item from the candidate pool with its index letter."
@@ -131,6 +131,12 @@ class LlamaRec(Method):
 
     Params = LlamaRecParams
     uses_llm = True
+
+    @classmethod
+    def check_params(cls, params: LlamaRecParams) -> None:
+        retriever = get_method(params.retriever)  # unknown names fail before any work
+        if getattr(retriever, "uses_llm", False):
+            raise ConfigError(f"llamarec.retriever={params.retriever!r} is an LLM method; use a classic one (e.g. sasrec)")
 
     def __init__(self, params: LlamaRecParams, ctx):
         super().__init__(params, ctx)

@@ -441,6 +441,11 @@ class P2Rec(Method):
     Params = P2RecParams
     uses_llm = True
 
+    @classmethod
+    def check_params(cls, params: P2RecParams) -> None:
+        for field_name in ("pretrained", "downstream"):  # unknown names fail before any work
+            get_method(getattr(params, field_name))
+
     def __init__(self, params: P2RecParams, ctx):
         super().__init__(params, ctx)
         self._down_cls = get_method(params.downstream)

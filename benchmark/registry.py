@@ -59,6 +59,11 @@ class Method:
         self.params = params
         self.ctx = ctx
 
+    @classmethod
+    def check_params(cls, params: Any) -> None:
+        """Optional: reject settings that name things which do not exist (another method, a
+        dataset) before a run starts any work; raise ConfigError with the fix."""
+
     def fit(self, data: TrainData) -> None:  # pragma: no cover - interface
         raise NotImplementedError
 

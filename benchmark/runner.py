@@ -114,10 +114,14 @@ def resolve_method(name: str, overrides: dict[str, dict[str, Any]]) -> tuple[typ
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.+-]*", label) or not target:
             raise ConfigError(f"--methods {name!r}: write LABEL=METHOD with a label of letters, digits, _ . + -")
         cls = get_method(target)
-        return cls, label, resolve_params(label, cls.Params, overrides)
-    cls = get_method(name)
-    label = cls.name if ":" in name else name
-    return cls, label, resolve_params(label, cls.Params, overrides)
+    else:
+        cls = get_method(name)
+        label = cls.name if ":" in name else name
+    params = resolve_params(label, cls.Params, overrides)
+    check = getattr(cls, "check_params", None)
+    if callable(check):
+        check(params)
+    return cls, label, params
 
 
 def two_stage_report(

@@ -209,3 +209,17 @@ def test_label_alias_runs_one_method_twice_with_separate_overrides(split, tmp_pa
         resolve_method("bad label=random", {})
     with pytest.raises(ConfigError, match="unknown method"):
         resolve_method("x=nosuchmethod", {})
+
+
+@pytest.mark.parametrize(
+    "name, overrides, message",
+    [
+        ("llamarec", {"llamarec": {"retriever": "nosuch"}}, "unknown method 'nosuch'"),
+        ("llamarec", {"llamarec": {"retriever": "sft"}}, "LLM method"),
+        ("p2rec", {"p2rec": {"downstream": "nosuch"}}, "unknown method 'nosuch'"),
+        ("calrec", {"calrec": {"stage1": "ml-1m,nosuchdata"}}, "unknown dataset 'nosuchdata'"),
+    ],
+)
+def test_settings_naming_missing_methods_or_datasets_fail_before_any_work(name, overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        resolve_method(name, overrides)

@@ -75,6 +75,11 @@ def _entry(spec: str) -> DatasetEntry:
     return entry
 
 
+def check_dataset(spec: str) -> None:
+    """Raise ConfigError (listing the known datasets) if no loader serves `spec`; reads nothing."""
+    _entry(spec)
+
+
 def load_raw(spec: str = DEFAULT_DATASET, data_dir: Path | str | None = None, **opts) -> RawDataset:
     """Load a dataset by spec (see module docstring). Raises ConfigError / DataError."""
     spec = (spec or DEFAULT_DATASET).strip()
