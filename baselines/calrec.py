@@ -104,9 +104,9 @@ import torch.nn.functional as F
 
 from baselines.sft import _auto_int, cpu_threads, exclusions, history_texts
 from benchmark.errors import ConfigError
-from benchmark.llm.contrastive import DIRECTIONS, embed_spans, info_nce, span_hidden, span_mean, text_groups
+from benchmark.llm.contrastive import DIRECTIONS, info_nce, span_mean, text_groups
 from benchmark.llm.loading import LLM, load_llm, resolve_device
-from benchmark.llm.pooling import batch_ids, cached_item_embeddings, pooled_hidden
+from benchmark.llm.pooling import batch_ids, cached_item_embeddings, embed_batches, last_hidden, pooled_hidden
 from benchmark.llm.prompts import (
     IGNORE,
     ITEM_TEXT_STYLES,
@@ -300,7 +300,7 @@ def calrec_terms(
     tt: bool = True, ut: bool = True,
 ) -> dict[str, torch.Tensor]:
     """Per-example losses [b]: "nig" (mean token CE of the target), "tt" and "ut" (InfoNCE)."""
-    hidden = span_hidden(model, batch["input_ids"], batch["attention_mask"])
+    hidden = last_hidden(model, batch["input_ids"], batch["attention_mask"])
     b = hidden.shape[0]
     label_mask, targets = label_positions(batch["labels"])
     rows = label_mask.nonzero(as_tuple=True)[0]
@@ -721,8 +721,8 @@ class CALRec(Method):
 
         def compute() -> torch.Tensor:
             ids = response_ids_batch(self.llm, self.texts)
-            return embed_spans(model, ids, [0] * len(ids), pad_id=self.llm.pad_id, batch_size=p.embed_batch_size,
-                               progress=progress, desc="embed catalog")
+            return embed_batches(model, ids, pad_id=self.llm.pad_id, batch_size=p.embed_batch_size,
+                                 progress=progress, desc="embed catalog")
 
         t0 = time.perf_counter()
         path = None
@@ -739,8 +739,8 @@ class CALRec(Method):
     def _rank_dense(self, model, request, prompts, exclude, progress, cache) -> RankedLists:
         items_emb = self._catalog_embeddings(model, progress, cache)
         starts = [self._user_start(pr) for pr in prompts]
-        users_emb = embed_spans(model, prompts, starts, pad_id=self.llm.pad_id, batch_size=self.params.embed_batch_size,
-                                progress=progress, desc="embed users")
+        users_emb = embed_batches(model, prompts, starts=starts, pad_id=self.llm.pad_id,
+                                  batch_size=self.params.embed_batch_size, progress=progress, desc="embed users")
         device = next(model.parameters()).device
         item_n = F.normalize(items_emb.float(), dim=-1).to(device)
         n, k, n_items = len(prompts), request.k, item_n.shape[0]

@@ -86,7 +86,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from baselines.sft import cpu_threads, history_texts
+from baselines.sft import _auto_int, cpu_threads, history_texts
 from benchmark.config import resolve_params
 from benchmark.errors import ConfigError
 from benchmark.llm.kmeans import kmeans
@@ -133,19 +133,7 @@ Example = tuple[np.ndarray, np.ndarray]  # (prompt token ids int32, target distr
 
 
 def _auto(value: Any, name: str, auto: int | None, *, allow_all: bool = False, minimum: int = 1) -> int | None:
-    """Params typed str so that "auto" (and "all") fit beside integers."""
-    text = str(value).strip().lower()
-    if text in ("auto", ""):
-        return auto
-    if allow_all and text in ("all", "none"):
-        return None
-    try:
-        number = float(text)
-    except ValueError:
-        raise ConfigError(f"p2rec.{name}={value!r}: expected an integer or 'auto'") from None
-    if not number.is_integer() or number < minimum:
-        raise ConfigError(f"p2rec.{name}={value!r}: must be an integer >= {minimum}")
-    return int(number)
+    return _auto_int(value, name, auto, allow_all=allow_all, method="p2rec", minimum=minimum)
 
 
 @dataclass

@@ -71,7 +71,9 @@ from benchmark.types import PAD, CandidateSet, RankedLists, RankRequest, TrainDa
 GROUNDINGS = ("trie", "l2", "exact")
 
 
-def _auto_int(value: Any, name: str, auto: int | None, allow_all: bool = False, method: str = "sft") -> int | None:
+def _auto_int(
+    value: Any, name: str, auto: int | None, allow_all: bool = False, method: str = "sft", minimum: int = 1
+) -> int | None:
     """Params typed str so that "auto" (and "all") fit beside integers; errors name `method.name`."""
     text = str(value).strip().lower()
     if text in ("auto", ""):
@@ -79,12 +81,12 @@ def _auto_int(value: Any, name: str, auto: int | None, allow_all: bool = False, 
     if allow_all and text in ("all", "none"):
         return None
     try:
-        number = int(float(text))
+        number = float(text)
     except ValueError:
         raise ConfigError(f"{method}.{name}={value!r}: expected an integer or 'auto'") from None
-    if number < 1:
-        raise ConfigError(f"{method}.{name}={value!r}: must be at least 1")
-    return number
+    if not number.is_integer() or number < minimum:
+        raise ConfigError(f"{method}.{name}={value!r}: must be an integer >= {minimum}")
+    return int(number)
 
 
 @dataclass

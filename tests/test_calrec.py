@@ -21,7 +21,8 @@ from benchmark.config import resolve_params
 from benchmark.data.synthetic import tiny_split
 from benchmark.errors import ConfigError
 from benchmark.grounding import BM25Index, ground_bm25, interleave_round_robin
-from benchmark.llm.contrastive import embed_spans, info_nce, span_mean, text_groups
+from benchmark.llm.contrastive import info_nce, span_mean, text_groups
+from benchmark.llm.pooling import embed_batches
 from benchmark.llm.loading import tiny_llm
 from benchmark.llm.training import example_loss
 from benchmark.registry import RunContext, get_method
@@ -243,7 +244,7 @@ def test_loss_terms_match_sft_loss_and_reach_both_towers(llm):
         assert float(terms["nig"][row].detach()) == pytest.approx(float(ref.detach()), rel=1e-4)
     # the user-tower span pooled in the batch equals pooling the prompt alone (causal model)
     ids, _, start, plen, _ = examples[2]
-    alone = embed_spans(llm.model, [ids[:plen].tolist()], [start], pad_id=llm.pad_id, progress=False)
+    alone = embed_batches(llm.model, [ids[:plen].tolist()], starts=[start], pad_id=llm.pad_id, progress=False)
     hidden = llm.model.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
     in_batch = span_mean(hidden, batch["user_start"], batch["prompt_len"])[2]
     assert torch.allclose(alone[0], in_batch, atol=1e-4)

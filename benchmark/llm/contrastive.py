@@ -11,10 +11,9 @@
   target-conditioned embeddings.
 - `text_groups(token_lists)`: group ids from token sequences (equal text = equal group),
   for the duplicate mask when the same text can carry several catalog ids.
-- `span_hidden(model, input_ids, attention_mask)`: last-layer states of right-padded rows
-  (decoder body only, no LM head; with gradients); `embed_spans(model, ids, starts, ends)`:
-  span means of many sequences in length-sorted inference batches (bf16 autocast on CUDA),
-  e.g. a user tower's history span of prompts or whole item texts.
+
+Last-layer states come from `benchmark.llm.pooling.last_hidden`; span means of many
+sequences in inference batches from `benchmark.llm.pooling.embed_batches(..., starts=...)`.
 """
 
 from __future__ import annotations
@@ -24,9 +23,10 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
+from benchmark.llm.pooling import pool
+
 __all__ = [
-    "DIRECTIONS", "similarity_logits", "info_nce", "span_mask", "span_mean", "masked_mean", "text_groups",
-    "span_hidden", "embed_spans",
+    "DIRECTIONS", "similarity_logits", "info_nce", "span_mask", "span_mean", "text_groups",
 ]
 
 DIRECTIONS = ("q2k", "k2q", "both")
@@ -102,78 +102,13 @@ def span_mask(starts: torch.Tensor, ends: torch.Tensor, width: int) -> torch.Ten
     return (positions >= starts) & (positions < ends)
 
 
-def masked_mean(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """[b, s, d] states, [b, s] mask -> the mean of each row's masked states [b, d] (zeros if empty)."""
-    m = mask.to(hidden.dtype)
-    return (hidden * m[..., None]).sum(1) / m.sum(1, keepdim=True).clamp(min=1.0)
-
-
 def span_mean(hidden: torch.Tensor, starts: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
     """Mean of hidden[i, starts[i]:ends[i]] per row, differentiable, in float32: [b, d]."""
     starts, ends = torch.as_tensor(starts, device=hidden.device), torch.as_tensor(ends, device=hidden.device)
-    return masked_mean(hidden.float(), span_mask(starts, ends, hidden.shape[1]))
+    return pool(hidden.float(), span_mask(starts, ends, hidden.shape[1]), "mean")
 
 
 def text_groups(token_lists: Sequence[Sequence[int]]) -> torch.Tensor:
     """int64 [n]: equal token sequences get equal ids (first-seen order)."""
     ids: dict[tuple[int, ...], int] = {}
     return torch.tensor([ids.setdefault(tuple(int(t) for t in s), len(ids)) for s in token_lists], dtype=torch.long)
-
-
-def span_hidden(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Last-layer states [b, s, d] of right-padded rows (decoder body only, no LM head)."""
-    from benchmark.llm.training import decoder_body
-
-    out = decoder_body(model)(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-    return out[0] if isinstance(out, tuple) else out.last_hidden_state
-
-
-@torch.inference_mode()
-def embed_spans(
-    model,
-    ids: Sequence[Sequence[int]],
-    starts: Sequence[int],
-    ends: Sequence[int] | None = None,
-    *,
-    pad_id: int,
-    batch_size: int = 32,
-    progress: bool = True,
-    desc: str = "embed",
-) -> torch.Tensor:
-    """Mean last-layer state over ids[i][starts[i]:ends[i]] (ends default: the row's length),
-    computed in length-sorted batches (bf16 autocast on CUDA): float32 [n, d] on the CPU."""
-    from tqdm.auto import tqdm
-
-    from benchmark.llm.pooling import batch_ids
-
-    if ends is None:
-        ends = [len(s) for s in ids]
-    if not (len(ids) == len(starts) == len(ends)):
-        raise ValueError("ids, starts and ends must have the same length")
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
-    out: list[torch.Tensor | None] = [None] * len(ids)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else _NullContext()
-    with autocast:
-        for start in tqdm(range(0, len(order), batch_size), desc=desc, disable=not progress, dynamic_ncols=True):
-            rows = order[start : start + batch_size]
-            batch = batch_ids([ids[i] for i in rows], pad_id, device)
-            hidden = span_hidden(model, batch["input_ids"], batch["attention_mask"])
-            s = torch.tensor([int(starts[i]) for i in rows], device=device)
-            e = torch.tensor([int(ends[i]) for i in rows], device=device)
-            for i, vec in zip(rows, span_mean(hidden, s, e).float().cpu()):
-                out[i] = vec
-    model.train(was_training)
-    if not out:
-        return torch.zeros((0, 0))
-    return torch.stack(out)  # type: ignore[arg-type]
-
-
-class _NullContext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False

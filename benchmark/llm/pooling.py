@@ -15,6 +15,7 @@ Used by CALRec (two towers: history text and item text through one LLM) and P2Re
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 from pathlib import Path
@@ -49,8 +50,8 @@ def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, pooling: str = "mea
     return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
 
 
-def pooled_hidden(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, pooling: str = "mean") -> torch.Tensor:
-    """Pooled last-layer hidden states [b, d] of `model` (peft-wrapped or not), with gradients.
+def last_hidden(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Last-layer states [b, s, d] of `model` (peft-wrapped or not), with gradients.
 
     Runs the decoder body only (no LM head), so no vocabulary-sized tensor is built.
     Position ids restart at each row's first real token, so left padding is handled too.
@@ -60,8 +61,12 @@ def pooled_hidden(model: Any, input_ids: torch.Tensor, attention_mask: torch.Ten
     positions = (attention_mask.long().cumsum(1) - 1).clamp(min=0)
     out = decoder_body(model)(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
                               use_cache=False)
-    hidden = out[0] if isinstance(out, tuple) else out.last_hidden_state
-    return pool(hidden, attention_mask, pooling)
+    return out[0] if isinstance(out, tuple) else out.last_hidden_state
+
+
+def pooled_hidden(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, pooling: str = "mean") -> torch.Tensor:
+    """Pooled last-layer hidden states [b, d] (see `last_hidden`), with gradients."""
+    return pool(last_hidden(model, input_ids, attention_mask), attention_mask, pooling)
 
 
 @torch.inference_mode()
@@ -71,38 +76,47 @@ def embed_batches(
     *,
     pad_id: int,
     pooling: str = "mean",
+    starts: Sequence[int] | None = None,
+    ends: Sequence[int] | None = None,
     batch_size: int = 64,
     progress: bool = True,
     desc: str = "embed items",
 ) -> torch.Tensor:
-    """`pooled_hidden` for many sequences in length-sorted batches: float32 [n, d] on the CPU."""
+    """Pooled last-layer states of many sequences in length-sorted batches (bf16 autocast on
+    CUDA): float32 [n, d] on the CPU. With `starts` (and optionally `ends`, default each row's
+    length) the mean runs over tokens starts[i] <= t < ends[i] only, e.g. a prompt's history span."""
     from tqdm.auto import tqdm
 
+    if starts is not None:
+        ends = [len(x) for x in ids] if ends is None else ends
+        if not len(ids) == len(starts) == len(ends):
+            raise ValueError("ids, starts and ends must have the same length")
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
     out: list[torch.Tensor | None] = [None] * len(ids)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else _nullcontext()
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
     with autocast:
         for start in tqdm(range(0, len(order), batch_size), desc=desc, disable=not progress, dynamic_ncols=True):
             rows = order[start : start + batch_size]
             batch = batch_ids([ids[i] for i in rows], pad_id, device)
-            pooled = pooled_hidden(model, batch["input_ids"], batch["attention_mask"], pooling).float().cpu()
-            for i, vec in zip(rows, pooled):
+            hidden = last_hidden(model, batch["input_ids"], batch["attention_mask"]).float()
+            mask = batch["attention_mask"]
+            if starts is not None:
+                positions = torch.arange(mask.shape[1], device=device)[None, :]
+                lo = torch.tensor([int(starts[i]) for i in rows], device=device)[:, None]
+                hi = torch.tensor([int(ends[i]) for i in rows], device=device)[:, None]
+                mask = mask.bool() & (positions >= lo) & (positions < hi)
+                pooled = pool(hidden, mask, "mean")
+            else:
+                pooled = pool(hidden, mask, pooling)
+            for i, vec in zip(rows, pooled.cpu()):
                 out[i] = vec
     model.train(was_training)
     if not out:
         return torch.zeros((0, 0))
     return torch.stack(out)  # type: ignore[arg-type]
-
-
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 def cached_item_embeddings(path: str | os.PathLike | None, compute: Callable[[], torch.Tensor]) -> tuple[torch.Tensor, bool]:

@@ -48,17 +48,6 @@ def label_token_ids(llm: Any, labels: Sequence[str]) -> list[int]:
     return flat
 
 
-def _left_pad(prompts: Sequence[Sequence[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    for row, p in enumerate(prompts):
-        if len(p):
-            ids[row, width - len(p) :] = torch.as_tensor(list(p), dtype=torch.long)
-            mask[row, width - len(p) :] = 1
-    return ids.to(device), mask.to(device)
-
-
 @torch.inference_mode()
 def verbalizer_scores(
     model: Any,
@@ -77,6 +66,7 @@ def verbalizer_scores(
     prompt scores the same alone or in a batch. Only the last position goes through the
     LM head.
     """
+    from benchmark.llm.decoding import _left_pad
     from benchmark.llm.training import decoder_body, head_logits
 
     if not prompts:
@@ -96,7 +86,7 @@ def verbalizer_scores(
                 else torch.autocast("cpu", enabled=False))
     with autocast:
         for rows in tqdm(batches, desc="verbalizer", disable=not progress, dynamic_ncols=True):
-            ids, mask = _left_pad([prompts[i] for i in rows], pad_id, device)
+            ids, mask = _left_pad([list(prompts[i]) for i in rows], pad_id, device)
             positions = (mask.cumsum(1) - 1).clamp(min=0)
             res = body(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False)
             hidden = res[0] if isinstance(res, tuple) else res.last_hidden_state
