@@ -36,13 +36,14 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, is_dataclass
+from dataclasses import dataclass, is_dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
 from baselines.sft import _auto_int, cpu_threads
+from benchmark.config import params_key
 from benchmark.errors import ConfigError
 from benchmark.llm.loading import LLM, load_llm, resolve_device
 from benchmark.llm.prompts import IGNORE, ITEM_TEXT_STYLES, PromptTemplate, catalog_texts, prompt_frame
@@ -247,7 +248,7 @@ class LlamaRec(Method):
         # the retriever's settings shape validation (which users, which candidates), so they key training too
         retriever_params = getattr(self.retriever, "params", None)
         key_extra = f"{extra}|{getattr(validate, 'n_users', 0)}|" + (
-            json.dumps(asdict(retriever_params), sort_keys=True, default=str) if is_dataclass(retriever_params) else "")
+            json.dumps(params_key(retriever_params), sort_keys=True, default=str) if is_dataclass(retriever_params) else "")
         work = training_dir(self.ctx, "llamarec", p, ("test_order", "eval_batch_size", "num_threads"), key_extra)
         model, self.result = train(model, examples, config, pad_id=self.llm.pad_id, work_dir=work,
                                    validate=validate, fingerprint_extra=extra)

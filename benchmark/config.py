@@ -17,6 +17,9 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 
+_NONE_WORDS = ("none", "None", "null")
+
+
 def parse_value(text: str) -> Any:
     """`--set` values: JSON/TOML literals (true, 3, 0.1, "x", [1,2]) or a bare string."""
     lowered = text.strip()
@@ -24,7 +27,7 @@ def parse_value(text: str) -> Any:
         return True
     if lowered in ("false", "False"):
         return False
-    if lowered in ("none", "None", "null"):
+    if lowered in _NONE_WORDS:
         return None
     try:
         return json.loads(lowered)
@@ -32,15 +35,26 @@ def parse_value(text: str) -> Any:
         return text
 
 
+class SetText(str):
+    """A `--set` value as typed; `resolve_params` parses it against the field's type.
+
+    So `--set sft.early_stopping=none` stays the string "none" for a `str` field, while
+    `--set p2rec.llm=none` is None for an optional field and `--set sasrec.hidden=128` an int.
+    """
+
+
 def parse_sets(items: list[str]) -> dict[str, dict[str, Any]]:
-    """["sasrec.hidden=128", "sft.lora=false"] -> {"sasrec": {"hidden": 128}, "sft": {"lora": False}}."""
+    """["sasrec.hidden=128", "sft.lora=false"] -> {"sasrec": {"hidden": "128"}, "sft": {"lora": "false"}}.
+
+    Values stay text (`SetText`) until `resolve_params` knows each field's type.
+    """
     out: dict[str, dict[str, Any]] = {}
     for item in items:
         key, eq, value = item.partition("=")
         method, dot, name = key.partition(".")
         if not eq or not dot or not method or not name:
             raise ConfigError(f"bad --set {item!r}; write --set METHOD.FIELD=VALUE, e.g. --set sasrec.hidden=128")
-        out.setdefault(method.strip(), {})[name.strip()] = parse_value(value)
+        out.setdefault(method.strip(), {})[name.strip()] = SetText(value)
     return out
 
 
@@ -64,9 +78,11 @@ def _coerce(cls_name: str, field: dataclasses.Field, value: Any, hints: dict[str
     origin = typing.get_origin(hint)
     args = typing.get_args(hint)
     if origin is typing.Union or (origin is not None and str(origin) == "<class 'types.UnionType'>"):
-        if value is None and type(None) in args:
+        if type(None) in args and (value is None or (isinstance(value, SetText) and value.strip() in _NONE_WORDS)):
             return None
         hint = next((a for a in args if a is not type(None)), hint)
+    if isinstance(value, SetText):  # typed text from --set: a str field keeps it verbatim
+        value = str(value) if hint is str else parse_value(value)
     try:
         if hint is bool:
             if isinstance(value, bool):
@@ -110,3 +126,18 @@ def resolve_params(method: str, params_cls: type, *layers: dict[str, dict[str, A
 
 def params_dict(params: Any) -> dict[str, Any]:
     return dataclasses.asdict(params)
+
+
+def params_key(params: Any) -> dict[str, Any]:
+    """`params` as a dict for cache keys and fingerprints.
+
+    A Params class may list fields added after its cached artefacts were first keyed in a
+    class attribute `ADDED_LATER`; those fields are left out while they hold their default,
+    so models cached before the field existed are still found (and any other value is keyed).
+    """
+    values = dataclasses.asdict(params)
+    defaults = {f.name: f.default for f in dataclasses.fields(params)}
+    for name in getattr(type(params), "ADDED_LATER", ()):
+        if name in values and values[name] == defaults.get(name):
+            del values[name]
+    return values

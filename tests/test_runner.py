@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 from dataclasses import dataclass
 
@@ -9,7 +11,7 @@ import numpy as np
 import pytest
 
 from benchmark.candidates import build_candidates, parse_protocol, target_in_candidates
-from benchmark.config import parse_sets, resolve_params
+from benchmark.config import params_key, parse_sets, resolve_params
 from benchmark.data.synthetic import tiny_split
 from benchmark.errors import ConfigError, MethodError
 from benchmark.registry import Method, get_method
@@ -182,6 +184,42 @@ def test_overrides_are_typed_and_unknown_fields_listed():
         resolve_params("markov", cls.Params, parse_sets(["markov.pop_weight=abc"]))
     with pytest.raises(ConfigError, match="METHOD.FIELD=VALUE"):
         parse_sets(["pop_weight=1"])
+
+
+def test_set_values_are_parsed_against_each_fields_type():
+    @dataclasses.dataclass
+    class P:
+        mode: str = "loss"
+        name: str = "x"
+        model: str | None = "m"
+        width: int = 1
+        rate: float = 0.1
+        flag: bool = False
+        blocks: list = dataclasses.field(default_factory=list)
+
+    sets = parse_sets(["p.mode=none", "p.name=128", "p.model=none", "p.width=128", "p.rate=1e-3",
+                       "p.flag=true", "p.blocks=[1, 2]"])
+    params = resolve_params("p", P, sets)
+    assert params.mode == "none"  # a str field keeps the word (it used to become "None")
+    assert params.name == "128"
+    assert params.model is None  # an optional field reads none as None
+    assert (params.width, params.rate, params.flag, params.blocks) == (128, 1e-3, True, [1, 2])
+    assert resolve_params("p", P, parse_sets(["p.model=null"])).model is None
+    assert resolve_params("p", P, parse_sets(["p.model=hub/id"])).model == "hub/id"
+    with pytest.raises(ConfigError, match="integer"):
+        resolve_params("p", P, parse_sets(["p.width=1.5"]))
+
+
+def test_params_key_leaves_out_later_fields_only_at_their_default():
+    @dataclasses.dataclass
+    class P:
+        ADDED_LATER = ("block",)
+        hidden: int = 64
+        block: str = "preln"
+
+    assert params_key(P()) == {"hidden": 64}  # the key a cache written before `block` existed used
+    assert params_key(P(block="pmixer")) == {"hidden": 64, "block": "pmixer"}
+    assert params_key(P(hidden=32)) == {"hidden": 32}
 
 
 def test_unknown_method_lists_the_known_ones():

@@ -36,6 +36,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from benchmark.config import params_key
+
 from benchmark.errors import ConfigError
 from benchmark.llm.prompts import IGNORE
 
@@ -238,7 +240,7 @@ def training_dir(ctx: Any, method: str, params: Any, inference_fields: Sequence[
     cache = getattr(ctx, "cache_dir", None)
     if cache is None:
         return Path(ctx.work_dir)
-    values = {k: v for k, v in asdict(params).items() if k not in set(inference_fields)}
+    values = {k: v for k, v in params_key(params).items() if k not in set(inference_fields)}
     payload = json.dumps([method, values, int(ctx.seed), extra], sort_keys=True, default=str)
     return Path(cache) / "models" / f"{method}-{hashlib.sha256(payload.encode()).hexdigest()[:20]}"
 
