@@ -34,9 +34,9 @@ import math
 import os
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, ClassVar, Iterator
 
 import numpy as np
 import torch
@@ -44,6 +44,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from benchmark.config import params_key
 from benchmark.errors import ConfigError
 from benchmark.ranking import rank_by_scores
 from benchmark.registry import Method, RunContext, register_method
@@ -65,6 +66,9 @@ class SASRecParams:
     hidden: int = 64
     blocks: int = 2
     heads: int = 1
+    # fields added after fitted models were first cached: keyed only when not at their default
+    ADDED_LATER: ClassVar[tuple[str, ...]] = ("block", "adam_beta2", "init_std")
+
     dropout: float = 0.2
     max_len: int = 200
     loss: str = "ce"  # "ce" (full softmax) or "bce" (one sampled negative per position)
@@ -80,6 +84,12 @@ class SASRecParams:
     eval_batch_size: int = 512
     max_train_seconds: float = 0.0  # stop after the first epoch that ends past this budget (0 = no limit)
     scale_embeddings: bool = True  # multiply item embeddings by sqrt(hidden) at the input (original SASRec)
+    block: str = "preln"  # "preln": clean pre-LN block, GELU | "pmixer": the block of pmixer/SASRec.pytorch
+    # that Klenitskiy & Vasilev build on (query from LN(x), keys/values from x, residual from LN(x); LN before
+    # a ReLU feed-forward whose residual is its normalised input)
+    adam_beta2: float = 0.98  # Adam's beta2 (Klenitskiy & Vasilev: torch's default 0.999)
+    init_std: float = 0.0  # 0: xavier-normal embeddings, torch's default Linear init; >0: N(0, std) for every
+    # Linear and Embedding weight, zero biases (RecBole, Klenitskiy & Vasilev: 0.02)
 
     def __post_init__(self) -> None:
         if self.loss not in ("ce", "bce"):
@@ -92,6 +102,10 @@ class SASRecParams:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.batch_size <= 0 or self.eval_batch_size <= 0 or self.eval_every <= 0:
             raise ValueError("batch_size, eval_batch_size and eval_every must be positive")
+        if not 0.0 <= self.adam_beta2 < 1.0 or self.init_std < 0:
+            raise ValueError("adam_beta2 must be in [0, 1) and init_std >= 0")
+        if self.block not in ("preln", "pmixer"):
+            raise ValueError(f"block must be 'preln' or 'pmixer', got {self.block!r}")
 
 
 class _Block(nn.Module):
@@ -122,6 +136,39 @@ class _Block(nn.Module):
         return x + self.drop(h)
 
 
+class _PmixerBlock(nn.Module):
+    """The block of pmixer/SASRec.pytorch (and of Klenitskiy & Vasilev's SASRec+).
+
+    q = LN1(x); x = q + Attn(q, x, x); x = LN2(x); x = x + FFN(x), FFN = dropout(W2 dropout(relu(W1 x))).
+    The residuals start from normalised states, unlike a textbook pre-LN block.
+    """
+
+    def __init__(self, hidden: int, heads: int, dropout: float):
+        super().__init__()
+        self.heads = heads
+        self.dropout = dropout
+        self.norm1 = nn.LayerNorm(hidden, eps=1e-8)
+        self.q = nn.Linear(hidden, hidden)
+        self.kv = nn.Linear(hidden, 2 * hidden)
+        self.proj = nn.Linear(hidden, hidden)
+        self.norm2 = nn.LayerNorm(hidden, eps=1e-8)
+        self.ff1 = nn.Linear(hidden, hidden)
+        self.ff2 = nn.Linear(hidden, hidden)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor) -> torch.Tensor:
+        b, length, d = x.shape
+        normed = self.norm1(x)
+        k, v = self.kv(x).split(d, dim=-1)
+        shape = (b, length, self.heads, d // self.heads)
+        q, k, v = (t.reshape(shape).transpose(1, 2) for t in (self.q(normed), k, v))
+        att = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=attn_mask, dropout_p=self.dropout if self.training else 0.0
+        )
+        x = self.norm2(normed + self.proj(att.transpose(1, 2).reshape(b, length, d)))
+        return x + self.drop(self.ff2(self.drop(F.relu(self.ff1(x)))))
+
+
 class SASRecModel(nn.Module):
     """Item sequence [B, L] (0 = padding, items 1..n_items, left-padded) -> hidden states [B, L, d]."""
 
@@ -133,10 +180,18 @@ class SASRecModel(nn.Module):
         self.item_emb = nn.Embedding(n_items + 1, p.hidden, padding_idx=0)
         self.pos_emb = nn.Embedding(p.max_len, p.hidden)
         self.emb_drop = nn.Dropout(p.dropout)
-        self.blocks = nn.ModuleList(_Block(p.hidden, p.heads, p.dropout) for _ in range(p.blocks))
+        block = _PmixerBlock if p.block == "pmixer" else _Block
+        self.blocks = nn.ModuleList(block(p.hidden, p.heads, p.dropout) for _ in range(p.blocks))
         self.final_norm = nn.LayerNorm(p.hidden)
-        nn.init.xavier_normal_(self.item_emb.weight)
-        nn.init.xavier_normal_(self.pos_emb.weight)
+        if p.init_std > 0:
+            for module in self.modules():
+                if isinstance(module, (nn.Linear, nn.Embedding)):
+                    nn.init.normal_(module.weight, std=p.init_std)
+                if isinstance(module, nn.Linear) and module.bias is not None:
+                    nn.init.zeros_(module.bias)
+        else:
+            nn.init.xavier_normal_(self.item_emb.weight)
+            nn.init.xavier_normal_(self.pos_emb.weight)
         with torch.no_grad():
             self.item_emb.weight[0].zero_()
 
@@ -285,7 +340,7 @@ class SASRec(Method):
         """ctx.cache_dir/models/sasrec-<fingerprint>.pt: params that change training, seed, data, initial table."""
         if getattr(self.ctx, "cache_dir", None) is None:
             return None
-        params = {k: v for k, v in asdict(self.params).items() if k not in ("num_threads", "eval_batch_size")}
+        params = {k: v for k, v in params_key(self.params).items() if k not in ("num_threads", "eval_batch_size")}
         init = None if self._init_emb is None else hashlib.sha256(self._init_emb.tobytes()).hexdigest()
         payload = {"params": params, "seed": self.ctx.seed, "data": data.fingerprint, "init": init,
                    "device": self.device.type, "version": 1}
@@ -323,7 +378,7 @@ class SASRec(Method):
         rng = self.ctx.rng(17)
         model = self.build_model(data.n_items).to(device)
         self.model = model
-        opt = torch.optim.Adam(model.parameters(), lr=p.lr, betas=(0.9, 0.98), weight_decay=p.weight_decay)
+        opt = torch.optim.Adam(model.parameters(), lr=p.lr, betas=(0.9, p.adam_beta2), weight_decay=p.weight_decay)
         valid = data.valid
         can_validate = len(valid) > 0 and self.ctx.validate is not None
         best_score, best_state, best_epoch, bad = -math.inf, None, 0, 0

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 from pathlib import Path
 
 import numpy as np
@@ -113,6 +115,68 @@ def test_bce_loss_also_learns(planted):
     _, hr = _ndcg_hr_at_10(method.rank(_full(test)), test.targets)
     _, pop_hr = _ndcg_hr_at_10(_popularity(data, test), test.targets)
     assert hr > pop_hr + 0.2, (hr, pop_hr)
+
+
+def test_pmixer_block_also_learns(planted):
+    data, test = planted
+    method = sasrec.SASRec(_params(block="pmixer", init_std=0.02, adam_beta2=0.999), _ctx(data))
+    method.fit(data)
+    assert all(isinstance(b, sasrec._PmixerBlock) for b in method.model.blocks)
+    assert method.model.blocks[0].q.bias.abs().sum() > 0  # trained from zero biases
+    _, hr = _ndcg_hr_at_10(method.rank(_full(test)), test.targets)
+    _, pop_hr = _ndcg_hr_at_10(_popularity(data, test), test.targets)
+    assert hr > pop_hr + 0.3, (hr, pop_hr)
+
+
+def test_pmixer_block_matches_torch_multihead_attention_reference():
+    """The block equals pmixer's formula written with nn.MultiheadAttention (independent code)."""
+    torch.manual_seed(0)
+    hidden, heads, length = 8, 2, 5
+    block = sasrec._PmixerBlock(hidden, heads, dropout=0.0).eval()
+    for param in block.parameters():  # non-trivial LayerNorm affine parameters too
+        torch.nn.init.normal_(param, std=0.3)
+    mha = torch.nn.MultiheadAttention(hidden, heads, batch_first=True).eval()
+    with torch.no_grad():
+        mha.in_proj_weight.copy_(torch.cat([block.q.weight, block.kv.weight]))
+        mha.in_proj_bias.copy_(torch.cat([block.q.bias, block.kv.bias]))
+        mha.out_proj.weight.copy_(block.proj.weight)
+        mha.out_proj.bias.copy_(block.proj.bias)
+    x = torch.randn(3, length, hidden)
+    causal = torch.ones(length, length, dtype=torch.bool).tril()
+    with torch.no_grad():
+        got = block(x, causal.expand(3, 1, length, length))
+        q = block.norm1(x)
+        h = block.norm2(q + mha(q, x, x, attn_mask=~causal, need_weights=False)[0])
+        want = h + block.ff2(torch.relu(block.ff1(h)))
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_init_std_draws_every_weight_from_a_normal_and_zeroes_biases():
+    torch.manual_seed(0)
+    model = sasrec.SASRecModel(500, _params(hidden=32, init_std=0.02)).requires_grad_(False)
+    assert torch.all(model.item_emb.weight[0] == 0)  # padding row
+    assert abs(float(model.item_emb.weight[1:].std()) - 0.02) < 0.002
+    assert abs(float(model.blocks[0].ff1.weight.std()) - 0.02) < 0.004
+    assert all(float(b.ff1.bias.abs().sum()) == 0 for b in model.blocks)
+    default = sasrec.SASRecModel(500, _params(hidden=32)).requires_grad_(False)
+    assert float(default.blocks[0].ff1.bias.abs().sum()) > 0  # torch's default Linear init
+
+
+def test_cache_key_of_default_block_is_unchanged(tmp_path, planted):
+    """Adding the `block`, `adam_beta2` and `init_std` fields kept the fingerprints of models cached before it (default block)."""
+    data, _ = planted
+    ctx = dataclasses.replace(_ctx(data), cache_dir=tmp_path)
+    default = sasrec.SASRec(_params(), ctx)._cache_path(data)
+    other = sasrec.SASRec(_params(block="pmixer"), ctx)._cache_path(data)
+    assert default != other
+    params = dataclasses.asdict(_params())
+    for key in ("block", "adam_beta2", "init_std"):
+        del params[key]
+    for key in ("num_threads", "eval_batch_size"):
+        del params[key]
+    payload = {"params": params, "seed": 0, "data": data.fingerprint, "init": None, "device": "cpu", "version": 1}
+    digest = hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:20]
+    assert default.name == f"sasrec-{digest}.pt"
 
 
 def test_same_seed_gives_byte_identical_rankings(planted):
