@@ -77,6 +77,7 @@ class LeaderboardRow:
     seed_sd: dict[str, float | None]  # sd (ddof=1) across seed means; None with one seed
     beats: dict[str, list[str]] = field(default_factory=dict)  # metric -> letters beaten significantly
     train_time_s: float | None = None
+    train_cached: bool = False  # some seed's model came from the fitted-model cache
     eval_time_s: float | None = None
     validity: float | None = None
     notes: list[str] = field(default_factory=list)  # what a reader needs beside the numbers (per seed if they differ)
@@ -275,6 +276,7 @@ def build_leaderboard(
                 seed_means=sm,
                 seed_sd={m: (float(np.std(sm[m], ddof=1)) if len(sm[m]) > 1 else None) for m in metrics},
                 train_time_s=_mean_of([u.metrics.get("train_time_s") for u in group]),
+                train_cached=any(bool(u.metrics.get("train_cached")) for u in group),
                 eval_time_s=_mean_of([u.metrics.get("eval_time_s") for u in group]),
                 validity=_mean_of([u.metrics.get("validity") for u in group]),
                 notes=_row_notes(group),
@@ -385,7 +387,8 @@ def render_markdown(lb: Leaderboard) -> str:
     for r in lb.rows:
         cells = [r.letter, r.label]
         cells += [_metric_cell(r, m, round(r.mean[m], 4) == best[m]) for m in lb.metrics]
-        cells += [str(len(r.seeds)), _fmt_seconds(r.train_time_s), _fmt_seconds(r.eval_time_s)]
+        train = _fmt_seconds(r.train_time_s) + ("*" if r.train_cached else "")
+        cells += [str(len(r.seeds)), train, _fmt_seconds(r.eval_time_s)]
         cells.append("—" if r.validity is None else f"{r.validity:.3f}")
         table.append(cells)
     columns = ["", "Method"] + [m.upper() for m in lb.metrics]
@@ -399,8 +402,10 @@ def render_markdown(lb: Leaderboard) -> str:
         f"- Bold: best mean in the column. Rows are sorted by {lb.primary}.",
         "- Superscript letters: the row is significantly better than the rows with those letters on that metric "
         f"({_significance_sentence(lb)}).",
-        "- Train/Eval: wall-clock seconds, mean over seeds. Validity: share of generations that name a real "
-        "catalog item (generative LLM methods; — otherwise).",
+        "- Train/Eval: wall-clock seconds, mean over seeds"
+        + ("; * = the fitted model was loaded from the model cache, and the time shown is that cached fit's "
+           "training" if any(r.train_cached for r in lb.rows) else "")
+        + ". Validity: share of generations that name a real catalog item (generative LLM methods; — otherwise).",
         "",
         f"## Pairwise comparisons on {lb.primary}",
         "",
@@ -487,6 +492,7 @@ def leaderboard_dict(lb: Leaderboard) -> dict:
                     "seeds": r.seeds,
                     "run_ids": r.run_ids,
                     "train_time_s": r.train_time_s,
+                    "train_cached": r.train_cached,
                     "eval_time_s": r.eval_time_s,
                     "validity": r.validity,
                     "notes": r.notes,

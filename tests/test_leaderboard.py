@@ -209,3 +209,15 @@ def test_method_notes_show_two_stage_hit_rate_and_method_notes():
     assert board.row("strong").notes == []
     md = render_markdown(board)
     assert "## Method notes" in md and "target retrieved for 25.0% of users" in md
+
+
+def test_cached_fit_is_marked_in_the_train_column():
+    units = _units()
+    for u in units:
+        if u.label == "strong":
+            u.metrics = {**u.metrics, "train_cached": u.seed == 1}
+    board = _build(units)
+    assert board.row("strong").train_cached and not board.row("weak-a").train_cached
+    md = render_markdown(board)
+    assert "| 10.5*" in md and "loaded from the model cache" in md
+    assert "loaded from the model cache" not in render_markdown(_build(_units()))

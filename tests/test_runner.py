@@ -237,6 +237,18 @@ def test_plugin_method_beats_pop_on_planted_sequences(tmp_path):
     assert markov > 1.5 * pop  # measured 0.438 vs 0.232
 
 
+def test_model_loaded_from_the_fit_cache_reports_the_cached_training_time(split, tmp_path):
+    tiny = {"sasrec": {"hidden": 8, "blocks": 1, "max_len": 10, "epochs": 2, "batch_size": 16}}
+    _, (first,) = run(split, tmp_path, ["sasrec"], overrides=tiny)
+    assert first.metrics["train_cached"] is False
+    assert first.metrics["train_time_s"] == first.metrics["fit_wall_s"]
+    _, (again,) = run(split, tmp_path, ["sasrec"], overrides=tiny, eval_users=5)  # another unit, same fit
+    notes = first.metrics["info"]["sasrec"]
+    assert again.metrics["info"]["sasrec"]["loaded_from"]
+    assert again.metrics["train_cached"] is True
+    assert again.metrics["train_time_s"] == pytest.approx(notes["train_seconds"], abs=1e-3)
+
+
 def test_label_alias_runs_one_method_twice_with_separate_overrides(split, tmp_path):
     overrides = {"rand_b": {}}  # the label, not the method, takes --set values
     _, outcomes = run(split, tmp_path, ["random", "rand_b=random"], overrides=overrides)
