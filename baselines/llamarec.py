@@ -261,9 +261,11 @@ class LlamaRec(Method):
             "best_step": self.result.best_step,
             "best_valid_ndcg@10": self.result.best_score,
             "valid_users": 0 if validate is None else int(getattr(validate, "n_users", 0)),
-            "train_seconds": round(self.result.seconds, 2),
+            "train_seconds": round(self.result.total_seconds, 2),
             "history_len": auto["history_len"],
         }
+        if self.result.resumed_from and self.result.resumed_from == self.result.steps:
+            self.ctx.notes["llamarec"]["loaded_from"] = str(work)  # a finished checkpoint, only loaded
 
     def _validator(self, data: TrainData, n_users: int | None, config: TrainConfig, n_examples: int):
         """Validation NDCG@10 of the reranked top-K over validation users whose target was retrieved."""

@@ -642,7 +642,7 @@ class P2Rec(Method):
             "best_score": result.best_score,
             "stopped_early": result.stopped_early,
             "resumed_from": result.resumed_from,
-            "train_seconds": round(result.seconds, 2),
+            "train_seconds": round(result.total_seconds, 2),
             "valid_mse": valid_mse,
             "valid_mse_constant": valid_const,
         })

@@ -273,9 +273,9 @@ class SFT(Method):
 
         model = prepare_model(self.llm.model, config)
         extra = f"{self.llm.path}|{p.item_text}|{p.prompt}|{p.history_len}|{data.fingerprint}|{p.early_stopping}"
+        work = training_dir(self.ctx, self.name or "sft", p, self.inference_fields(), f"{extra}|{len(rows)}")
         model, self.result = train(
-            model, examples, config, pad_id=self.llm.pad_id, validate=validate,
-            work_dir=training_dir(self.ctx, self.name or "sft", p, self.inference_fields(), f"{extra}|{len(rows)}"),
+            model, examples, config, pad_id=self.llm.pad_id, validate=validate, work_dir=work,
             fingerprint_extra=extra, **self.train_hooks(),
         )
         self.llm.model = merge_for_inference(model)
@@ -287,8 +287,10 @@ class SFT(Method):
             "best_score": self.result.best_score,
             "stopped_early": self.result.stopped_early,
             "resumed_from": self.result.resumed_from,
-            "train_seconds": round(self.result.seconds, 2),
+            "train_seconds": round(self.result.total_seconds, 2),
         }
+        if self.result.resumed_from and self.result.resumed_from == self.result.steps:
+            self.ctx.notes["sft"]["loaded_from"] = str(work)  # a finished checkpoint, only loaded
 
     @staticmethod
     def _single_validation(config: TrainConfig, n_examples: int) -> bool:

@@ -145,6 +145,10 @@ def test_resume_after_interruption_gives_identical_model(tokenizer, tmp_path):
     again, again_result = run(tmp_path / "b")
     assert again_result.resumed_from == 6
     torch.testing.assert_close(again, reference, atol=1e-6, rtol=1e-6)
+    # training time accumulates across the attempts that built the checkpoint; loading adds none
+    assert result.total_seconds > result.seconds > 0
+    assert again_result.total_seconds == pytest.approx(result.total_seconds, abs=0.05)
+    assert ref_result.total_seconds == pytest.approx(ref_result.seconds, abs=0.05)
 
 
 def test_best_weights_are_restored(tokenizer):

@@ -148,3 +148,15 @@ def test_sft_rejects_bad_params():
         resolve_params("sft", cls.Params, {"sft": {"grounding": "nearest"}})
     with pytest.raises(ConfigError):
         cls.Params(max_train_examples="lots").resolved(__import__("torch").device("cpu"))
+
+
+def test_refit_on_a_finished_checkpoint_is_marked_loaded_with_the_original_training_time(model_dir, tmp_path):
+    data = tiny_data()
+    first, _ = make(model_dir, tmp_path, early_stopping="none")
+    first.fit(data)
+    notes = dict(first.ctx.notes["sft"])
+    assert "loaded_from" not in notes and notes["train_seconds"] > 0
+    again, _ = make(model_dir, tmp_path, early_stopping="none")  # same work dir: the finished checkpoint
+    again.fit(data)
+    assert again.ctx.notes["sft"]["loaded_from"]
+    assert again.ctx.notes["sft"]["train_seconds"] == pytest.approx(notes["train_seconds"], abs=0.05)

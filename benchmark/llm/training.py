@@ -100,8 +100,9 @@ class TrainResult:
     history: list[dict[str, float]] = field(default_factory=list)  # per validation: step, score, loss
     resumed_from: int = 0  # optimizer step the run continued from (0 = fresh)
     stopped_early: bool = False
-    seconds: float = 0.0
+    seconds: float = 0.0  # wall time of train() in this process
     tokens: int = 0  # tokens (incl. prompt) processed in this process
+    total_seconds: float = 0.0  # training time of this checkpoint across every attempt that built it
 
 
 # -- model pieces ------------------------------------------------------------------------------
@@ -478,6 +479,7 @@ def train(
                 best = load_file(str(ckpt / "best.safetensors"))
             state = prior
             step = resumed_from = int(prior["step"])
+        prior_seconds = float(state.get("train_seconds", 0.0))  # absent in checkpoints older than the field
 
         tokens = 0
         model.train()
@@ -526,6 +528,7 @@ def train(
                             state["done"] = True
                     state["history"].append(record)
                     state["step"] = step
+                    state["train_seconds"] = prior_seconds + time.perf_counter() - t_start
                     if step >= total_steps:
                         state["done"] = True
                     if ckpt is not None:
@@ -545,5 +548,7 @@ def train(
         resumed_from=resumed_from,
         stopped_early=bool(state["stopped_early"]),
         seconds=time.perf_counter() - t_start,
+        # a finished checkpoint only loaded here adds no training time
+        total_seconds=prior_seconds + (time.perf_counter() - t_start if step > resumed_from else 0.0),
         tokens=tokens,
     )
