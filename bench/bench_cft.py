@@ -8,8 +8,14 @@ titles). Three variants, each forward + backward + AdamW step on LoRA adapters:
   sft     right-padded factual rows, logits only at target positions
   cft     factual rows + packed counterfactual rows in ONE forward (baselines.cft)
   naive   two separate forwards (factual, counterfactual), full-vocabulary logits
-Prints step time, tokens/s (real tokens of the factual rows) and MFU = 6 x params x tokens/s /
-peak, the same useful work for every variant (CFT's counterfactual rows are overhead). Peak:
+Prints step time, tokens/s (real tokens of the factual rows) and two MFUs, both counting the same
+useful work for every variant (the factual rows; CFT's counterfactual rows are overhead):
+  MFU(6N)   6 x params x tokens/s / peak, the usual convention for full fine-tuning; it overcounts
+            here, since frozen weights get no weight gradients and the LM head runs at target positions only
+  MFU(LoRA) (4 x body params x tokens + 4 x head params x target tokens) / step time / peak:
+            forward 2 + activation-gradient backward 2 per weight; "body" = params minus the
+            (tied) token embedding; LoRA's own weight gradients and attention scores are left out
+Peak:
 989 TFLOP/s bf16 dense on CUDA (H100); on CPU 80 GFLOP/s fp32 per thread (2.5 GHz x 2 AVX2 FMA
 units x 8 lanes x 2), or --peak-tflops.
 """
@@ -82,7 +88,7 @@ def main() -> None:
     n_params = sum(p.numel() for p in model.parameters())
 
     def run(variant: str) -> tuple[float, int]:
-        times, tokens = [], 0
+        times, tokens, targets = [], 0, 0
         for s in range(args.steps + 1):  # first step is warm-up
             chunk = exs[s * args.batch : (s + 1) * args.batch]
             if cuda:
@@ -109,17 +115,22 @@ def main() -> None:
             if s:
                 times.append(time.perf_counter() - t0)
                 tokens += sum(len(f) for f, _, _, _ in chunk)
-        return float(np.mean(times)), tokens
+                targets += sum(int(np.count_nonzero(np.asarray(lab) != IGNORE)) for _, lab, _, _ in chunk)
+        return float(np.mean(times)), tokens, targets
 
     peak = args.peak_tflops * 1e12 or (H100_PEAK if cuda else CPU_PEAK_PER_THREAD * torch.get_num_threads())
     print(f"MFU peak: {peak / 1e12:.3f} TFLOP/s")
+    head = llm.model.get_input_embeddings().weight.numel()
+    body = n_params - head
     results = {}
     for variant in ("sft", "cft", "naive"):
-        step, tokens = run(variant)
+        step, tokens, targets = run(variant)
         tps = tokens / (step * args.steps)
-        mfu = 6 * n_params * tps / peak
+        mfu_6n = 6 * n_params * tps / peak
+        mfu_lora = (4 * body * tokens + 4 * head * targets) / (step * args.steps) / peak
         results[variant] = step
-        print(f"{variant:6s} step {step * 1000:9.1f} ms  {tps:9.0f} tokens/s  MFU {mfu:.1%}")
+        print(f"{variant:6s} step {step * 1000:9.1f} ms  {tps:9.0f} tokens/s  MFU(6N) {mfu_6n:.1%}  "
+              f"MFU(LoRA) {mfu_lora:.1%}")
     print(f"cft/sft {results['cft'] / results['sft']:.2f}x   naive/sft {results['naive'] / results['sft']:.2f}x")
 
 
