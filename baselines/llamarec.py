@@ -264,7 +264,7 @@ class LlamaRec(Method):
             "train_seconds": round(self.result.total_seconds, 2),
             "history_len": auto["history_len"],
         }
-        if self.result.resumed_from and self.result.resumed_from == self.result.steps:
+        if self.result.loaded_only:
             self.ctx.notes["llamarec"]["loaded_from"] = str(work)  # a finished checkpoint, only loaded
 
     def _validator(self, data: TrainData, n_users: int | None, config: TrainConfig, n_examples: int):

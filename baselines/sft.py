@@ -289,7 +289,7 @@ class SFT(Method):
             "resumed_from": self.result.resumed_from,
             "train_seconds": round(self.result.total_seconds, 2),
         }
-        if self.result.resumed_from and self.result.resumed_from == self.result.steps:
+        if self.result.loaded_only:
             self.ctx.notes["sft"]["loaded_from"] = str(work)  # a finished checkpoint, only loaded
 
     @staticmethod

@@ -26,7 +26,8 @@ from benchmark.llm.pooling import embed_batches
 from benchmark.llm.loading import tiny_llm
 from benchmark.llm.training import example_loss
 from benchmark.registry import RunContext, get_method
-from benchmark.types import PAD, CandidateSet, Catalog, EvalSet, RankRequest, TrainData
+from benchmark.types import PAD, CandidateSet, Catalog, EvalSet, TrainData
+from ranking_checks import check_rows, request_for
 
 TITLES = ["Toy Story", "Heat", "GoldenEye", "Casino", "Babe", "Se7en", "Fargo", "Heat", "Twister", "Clerks"]
 YEARS = [1995] * 7 + [1986, 1996, 1994]
@@ -186,20 +187,6 @@ def make(model_dir: Path, work: Path, loader=None, **overrides):
                      dataset_loader=loader, progress=False)
     return cls(params, ctx)
 
-
-def request_for(data: TrainData, k: int, candidates: CandidateSet | None = None) -> RankRequest:
-    users = data.valid.users
-    hist = [np.append(h, t) for h, t in zip(data.valid.histories, data.valid.targets)]
-    return RankRequest(users, hist, candidates or CandidateSet("full", users), k)
-
-
-def check_rows(ranked, request: RankRequest, n_items: int) -> None:
-    for row, hist in enumerate(request.histories):
-        items = ranked.items[row]
-        real = items[items != PAD]
-        assert len(real) == len(set(real.tolist()))
-        assert ((real >= 0) & (real < n_items)).all()
-        assert not set(real.tolist()) & set(np.asarray(hist).tolist())
 
 
 def test_examples_spans_cover_history_and_target(model_dir, tmp_path):

@@ -144,6 +144,7 @@ def test_resume_after_interruption_gives_identical_model(tokenizer, tmp_path):
     # a finished run is not repeated: the rerun loads the checkpoint and returns the same weights
     again, again_result = run(tmp_path / "b")
     assert again_result.resumed_from == 6
+    assert again_result.loaded_only and not result.loaded_only and not ref_result.loaded_only
     torch.testing.assert_close(again, reference, atol=1e-6, rtol=1e-6)
     # training time accumulates across the attempts that built the checkpoint; loading adds none
     assert result.total_seconds > result.seconds > 0

@@ -12,7 +12,8 @@ from benchmark.config import resolve_params
 from benchmark.errors import ConfigError
 from benchmark.llm.loading import tiny_llm
 from benchmark.registry import RunContext, get_method
-from benchmark.types import PAD, CandidateSet, Catalog, EvalSet, RankRequest, TrainData
+from benchmark.types import PAD, CandidateSet, Catalog, EvalSet, TrainData
+from ranking_checks import check_rows, request_for
 
 TITLES = ["Toy Story", "Heat", "GoldenEye", "Casino", "Babe", "Se7en", "Fargo", "Heat", "Twister", "Clerks"]
 
@@ -58,20 +59,6 @@ def make(model_dir: Path, tmp_path: Path, **overrides):
     ctx = RunContext(seed=0, device="cpu", work_dir=tmp_path / "work", validate=validate, progress=False)
     return cls(params, ctx), scores
 
-
-def request_for(data: TrainData, k: int, candidates: CandidateSet | None = None) -> RankRequest:
-    users = data.valid.users
-    hist = [np.append(h, t) for h, t in zip(data.valid.histories, data.valid.targets)]
-    return RankRequest(users, hist, candidates or CandidateSet("full", users), k)
-
-
-def check_rows(ranked, request: RankRequest, n_items: int) -> None:
-    for row, hist in enumerate(request.histories):
-        items = ranked.items[row]
-        real = items[items != PAD]
-        assert len(real) == len(set(real.tolist()))  # distinct
-        assert ((real >= 0) & (real < n_items)).all()  # catalog items only
-        assert not set(real.tolist()) & set(np.asarray(hist).tolist())  # no seen items
 
 
 def test_sft_fit_rank_trie_returns_k_distinct_unseen_catalog_items(model_dir, tmp_path):

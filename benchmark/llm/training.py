@@ -104,6 +104,11 @@ class TrainResult:
     tokens: int = 0  # tokens (incl. prompt) processed in this process
     total_seconds: float = 0.0  # training time of this checkpoint across every attempt that built it
 
+    @property
+    def loaded_only(self) -> bool:
+        """A finished checkpoint was loaded and no step was trained in this process."""
+        return 0 < self.resumed_from == self.steps
+
 
 # -- model pieces ------------------------------------------------------------------------------
 
