@@ -66,8 +66,11 @@ class SASRecParams:
     hidden: int = 64
     blocks: int = 2
     heads: int = 1
-    # fields added after fitted models were first cached: keyed only when not at their default
-    ADDED_LATER: ClassVar[tuple[str, ...]] = ("block", "adam_beta2", "init_std")
+    # fields added after fitted models were first cached, with the behaviour before they existed:
+    # keyed only when set to something else (benchmark.config.params_key)
+    ADDED_LATER: ClassVar[dict[str, Any]] = {
+        "block": "preln", "adam_beta2": 0.98, "init_std": 0.0, "positions": "end", "batching": "bucket"
+    }
 
     dropout: float = 0.2
     max_len: int = 200
@@ -90,6 +93,10 @@ class SASRecParams:
     adam_beta2: float = 0.98  # Adam's beta2 (Klenitskiy & Vasilev: torch's default 0.999)
     init_std: float = 0.0  # 0: xavier-normal embeddings, torch's default Linear init; >0: N(0, std) for every
     # Linear and Embedding weight, zero biases (RecBole, Klenitskiy & Vasilev: 0.02)
+    positions: str = "end"  # "end": position ids count back from the last item (the last is always max_len-1);
+    # "start": they count from the first item of the window, as with right padding (pmixer, Klenitskiy & Vasilev)
+    batching: str = "bucket"  # "bucket": batches of similar-length users (less padding; every batch weighs the
+    # same, so short users' positions weigh more); "shuffle": plain shuffled batches (Klenitskiy & Vasilev)
 
     def __post_init__(self) -> None:
         if self.loss not in ("ce", "bce"):
@@ -106,6 +113,10 @@ class SASRecParams:
             raise ValueError("adam_beta2 must be in [0, 1) and init_std >= 0")
         if self.block not in ("preln", "pmixer"):
             raise ValueError(f"block must be 'preln' or 'pmixer', got {self.block!r}")
+        if self.positions not in ("end", "start"):
+            raise ValueError(f"positions must be 'end' or 'start', got {self.positions!r}")
+        if self.batching not in ("bucket", "shuffle"):
+            raise ValueError(f"batching must be 'bucket' or 'shuffle', got {self.batching!r}")
 
 
 class _Block(nn.Module):
@@ -176,6 +187,7 @@ class SASRecModel(nn.Module):
         super().__init__()
         self.n_items = n_items
         self.max_len = p.max_len
+        self.positions_from_start = p.positions == "start"
         self.scale = math.sqrt(p.hidden) if p.scale_embeddings else 1.0
         self.item_emb = nn.Embedding(n_items + 1, p.hidden, padding_idx=0)
         self.pos_emb = nn.Embedding(p.max_len, p.hidden)
@@ -198,10 +210,14 @@ class SASRecModel(nn.Module):
     def forward(self, seq: torch.Tensor) -> torch.Tensor:
         b, length = seq.shape
         real = seq > 0
-        # positions count back from the end of a max_len window, so the last item is always
-        # position max_len-1 whatever the batch's padded length (as if padded to max_len)
-        pos = torch.arange(self.max_len - length, self.max_len, device=seq.device)
-        x = self.item_emb(seq) * self.scale + self.pos_emb(pos).unsqueeze(0)
+        if self.positions_from_start:
+            # the first real item of each (left-padded) row is position 0, as if right-padded
+            pos = (torch.cumsum(real, dim=1) - 1).clamp(min=0)  # [B, L]
+        else:
+            # positions count back from the end of a max_len window, so the last item is always
+            # position max_len-1 whatever the batch's padded length (as if padded to max_len)
+            pos = torch.arange(self.max_len - length, self.max_len, device=seq.device).unsqueeze(0)
+        x = self.item_emb(seq) * self.scale + self.pos_emb(pos)
         x = self.emb_drop(x) * real.unsqueeze(-1)
         causal = torch.ones((length, length), dtype=torch.bool, device=seq.device).tril()
         # a query sees earlier real items and always itself (so padded rows are never all-masked)
@@ -226,6 +242,12 @@ def _left_pad(seqs: list[np.ndarray], max_len: int) -> np.ndarray:
         if len(s):
             out[row, width - len(s) :] = np.asarray(s, dtype=np.int64) + 1
     return out
+
+
+def _shuffled_batches(n: int, batch_size: int, rng: np.random.Generator) -> list[np.ndarray]:
+    """All n users in a random order, cut into batches (the last may be smaller)."""
+    order = rng.permutation(n)
+    return [order[i : i + batch_size] for i in range(0, n, batch_size)]
 
 
 def _length_bucketed_batches(lengths: np.ndarray, batch_size: int, rng: np.random.Generator) -> list[np.ndarray]:
@@ -388,7 +410,10 @@ class SASRec(Method):
         epoch, stopped_by = 0, "epochs"
         for epoch in range(1, p.epochs + 1):
             model.train()
-            batches = _length_bucketed_batches(lengths, p.batch_size, rng)
+            if p.batching == "shuffle":
+                batches = _shuffled_batches(len(lengths), p.batch_size, rng)
+            else:
+                batches = _length_bucketed_batches(lengths, p.batch_size, rng)
             total, count = torch.zeros((), device=device), 0
             bar = tqdm(batches, desc=f"sasrec epoch {epoch}", leave=False, disable=not self.ctx.progress)
             for idx in bar:

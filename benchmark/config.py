@@ -131,13 +131,18 @@ def params_dict(params: Any) -> dict[str, Any]:
 def params_key(params: Any) -> dict[str, Any]:
     """`params` as a dict for cache keys and fingerprints.
 
-    A Params class may list fields added after its cached artefacts were first keyed in a
-    class attribute `ADDED_LATER`; those fields are left out while they hold their default,
-    so models cached before the field existed are still found (and any other value is keyed).
+    A Params class may name the fields added after its cached artefacts were first keyed in
+    a class attribute `ADDED_LATER`: a mapping from each such field to the value the code
+    behaved as before the field existed (a plain tuple of names means "its default"). A field
+    holding that value is left out, so models cached before it existed are still found; any
+    other value is keyed. Mapping to the legacy value rather than the current default keeps
+    keys distinct when a subclass changes the defaults (a preset).
     """
     values = dataclasses.asdict(params)
-    defaults = {f.name: f.default for f in dataclasses.fields(params)}
-    for name in getattr(type(params), "ADDED_LATER", ()):
-        if name in values and values[name] == defaults.get(name):
+    later = getattr(type(params), "ADDED_LATER", ())
+    if not isinstance(later, dict):
+        later = {f.name: f.default for f in dataclasses.fields(params) if f.name in later}
+    for name, legacy in later.items():
+        if name in values and values[name] == legacy:
             del values[name]
     return values

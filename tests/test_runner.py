@@ -222,6 +222,23 @@ def test_params_key_leaves_out_later_fields_only_at_their_default():
     assert params_key(P(hidden=32)) == {"hidden": 32}
 
 
+def test_params_key_compares_later_fields_with_their_legacy_value_not_a_subclass_default():
+    """A preset subclass that changes a later field's default must not share keys with the base class."""
+
+    @dataclasses.dataclass
+    class P:
+        ADDED_LATER = {"block": "preln"}
+        hidden: int = 64
+        block: str = "preln"
+
+    @dataclasses.dataclass
+    class Preset(P):
+        block: str = "pmixer"
+
+    assert params_key(Preset()) == {"hidden": 64, "block": "pmixer"} == params_key(P(block="pmixer"))
+    assert params_key(Preset(block="preln")) == params_key(P()) == {"hidden": 64}
+
+
 def test_unknown_method_lists_the_known_ones():
     with pytest.raises(ConfigError, match="known: .*pop.*random"):
         get_method("nosuch")

@@ -151,6 +151,40 @@ def test_pmixer_block_matches_torch_multihead_attention_reference():
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
+def test_positions_from_start_make_outputs_prefix_invariant_and_padding_free():
+    """positions="start": a prefix's states do not change when items follow it, nor with left padding."""
+    torch.manual_seed(0)
+    seq = torch.tensor([[3, 7, 1, 9, 4, 2]])
+    start = sasrec.SASRecModel(10, _params(hidden=8, max_len=8, positions="start")).eval()
+    end = sasrec.SASRecModel(10, _params(hidden=8, max_len=8, positions="end")).eval()
+    end.load_state_dict(start.state_dict())  # same weights; only the position ids differ
+    with torch.no_grad():
+        full, prefix = start(seq), start(seq[:, :4])
+        torch.testing.assert_close(full[:, :4], prefix)
+        padded = start(torch.tensor([[0, 0, 3, 7, 1, 9]]))
+        torch.testing.assert_close(padded[:, 2:], full[:, :4])
+        # with positions counted from the end, appending items moves the prefix's position ids
+        assert not torch.allclose(end(seq)[:, :4], end(seq[:, :4]))
+
+
+def test_shuffled_batching_covers_every_user_once_in_random_order():
+    rng = np.random.default_rng(0)
+    batches = sasrec._shuffled_batches(10, 4, rng)
+    assert [len(b) for b in batches] == [4, 4, 2]
+    flat = np.concatenate(batches)
+    assert sorted(flat.tolist()) == list(range(10)) and flat.tolist() != list(range(10))
+
+
+def test_klenitskiy_vasilev_options_also_learn(planted):
+    data, test = planted
+    params = _params(block="pmixer", positions="start", batching="shuffle", init_std=0.02, adam_beta2=0.999)
+    method = sasrec.SASRec(params, _ctx(data))
+    method.fit(data)
+    _, hr = _ndcg_hr_at_10(method.rank(_full(test)), test.targets)
+    _, pop_hr = _ndcg_hr_at_10(_popularity(data, test), test.targets)
+    assert hr > pop_hr + 0.3, (hr, pop_hr)
+
+
 def test_init_std_draws_every_weight_from_a_normal_and_zeroes_biases():
     torch.manual_seed(0)
     model = sasrec.SASRecModel(500, _params(hidden=32, init_std=0.02)).requires_grad_(False)
@@ -170,13 +204,31 @@ def test_cache_key_of_default_block_is_unchanged(tmp_path, planted):
     other = sasrec.SASRec(_params(block="pmixer"), ctx)._cache_path(data)
     assert default != other
     params = dataclasses.asdict(_params())
-    for key in ("block", "adam_beta2", "init_std"):
+    for key in ("block", "adam_beta2", "init_std", "positions", "batching"):
         del params[key]
     for key in ("num_threads", "eval_batch_size"):
         del params[key]
     payload = {"params": params, "seed": 0, "data": data.fingerprint, "init": None, "device": "cpu", "version": 1}
     digest = hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:20]
     assert default.name == f"sasrec-{digest}.pt"
+
+
+def test_sasrec_kv_preset_is_the_klenitskiy_vasilev_recipe_and_keys_apart_from_sasrec(tmp_path, planted):
+    import baselines.sasrec_kv as sasrec_kv
+    from benchmark.registry import get_method
+
+    assert get_method("sasrec_kv") is sasrec_kv.SASRecKV
+    recipe = dict(dropout=0.1, lr=1e-3, batch_size=128, epochs=100, block="pmixer", adam_beta2=0.999,
+                  init_std=0.02, positions="start", batching="shuffle")
+    preset = sasrec_kv.SASRecKVParams()
+    assert {k: getattr(preset, k) for k in recipe} == recipe
+    assert dataclasses.asdict(preset) == dataclasses.asdict(sasrec.SASRecParams(**recipe))
+    data, _ = planted
+    ctx = dataclasses.replace(_ctx(data), cache_dir=tmp_path)
+    same = sasrec.SASRec(sasrec.SASRecParams(**recipe), ctx)._cache_path(data)
+    assert sasrec_kv.SASRecKV(preset, ctx)._cache_path(data) == same  # the same model: one cache entry
+    base_only = {k: recipe[k] for k in ("dropout", "lr", "batch_size", "epochs")}  # later fields at legacy values
+    assert sasrec.SASRec(sasrec.SASRecParams(**base_only), ctx)._cache_path(data) != same
 
 
 def test_same_seed_gives_byte_identical_rankings(planted):
