@@ -119,6 +119,17 @@ class SASRecParams:
             raise ValueError(f"batching must be 'bucket' or 'shuffle', got {self.batching!r}")
 
 
+def _causal_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, mask: torch.Tensor, dropout: float
+) -> torch.Tensor:
+    """Multi-head scaled dot-product attention of [B, L, d] projections under `mask`; returns [B, L, d]."""
+    b, length, d = q.shape
+    shape = (b, length, heads, d // heads)
+    q, k, v = (t.reshape(shape).transpose(1, 2) for t in (q, k, v))
+    att = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
+    return att.transpose(1, 2).reshape(b, length, d)
+
+
 class _Block(nn.Module):
     """Pre-LN transformer block: causal self-attention and a position-wise feed-forward."""
 
@@ -135,14 +146,9 @@ class _Block(nn.Module):
         self.drop = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor) -> torch.Tensor:
-        b, length, d = x.shape
-        q, k, v = self.qkv(self.norm1(x)).split(d, dim=-1)
-        shape = (b, length, self.heads, d // self.heads)
-        q, k, v = (t.reshape(shape).transpose(1, 2) for t in (q, k, v))
-        att = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=attn_mask, dropout_p=self.dropout if self.training else 0.0
-        )
-        x = x + self.drop(self.proj(att.transpose(1, 2).reshape(b, length, d)))
+        q, k, v = self.qkv(self.norm1(x)).split(x.shape[-1], dim=-1)
+        att = _causal_attention(q, k, v, self.heads, attn_mask, self.dropout if self.training else 0.0)
+        x = x + self.drop(self.proj(att))
         h = self.ff2(self.drop(F.gelu(self.ff1(self.norm2(x)))))
         return x + self.drop(h)
 
@@ -168,15 +174,10 @@ class _PmixerBlock(nn.Module):
         self.drop = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor) -> torch.Tensor:
-        b, length, d = x.shape
         normed = self.norm1(x)
-        k, v = self.kv(x).split(d, dim=-1)
-        shape = (b, length, self.heads, d // self.heads)
-        q, k, v = (t.reshape(shape).transpose(1, 2) for t in (self.q(normed), k, v))
-        att = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=attn_mask, dropout_p=self.dropout if self.training else 0.0
-        )
-        x = self.norm2(normed + self.proj(att.transpose(1, 2).reshape(b, length, d)))
+        k, v = self.kv(x).split(x.shape[-1], dim=-1)
+        att = _causal_attention(self.q(normed), k, v, self.heads, attn_mask, self.dropout if self.training else 0.0)
+        x = self.norm2(normed + self.proj(att))
         return x + self.drop(self.ff2(self.drop(F.relu(self.ff1(x)))))
 
 

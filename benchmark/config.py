@@ -133,16 +133,13 @@ def params_key(params: Any) -> dict[str, Any]:
 
     A Params class may name the fields added after its cached artefacts were first keyed in
     a class attribute `ADDED_LATER`: a mapping from each such field to the value the code
-    behaved as before the field existed (a plain tuple of names means "its default"). A field
-    holding that value is left out, so models cached before it existed are still found; any
-    other value is keyed. Mapping to the legacy value rather than the current default keeps
-    keys distinct when a subclass changes the defaults (a preset).
+    behaved as before the field existed. A field holding that value is left out, so models
+    cached before it existed are still found; any other value is keyed. Mapping to the legacy
+    value rather than the current default keeps keys distinct when a subclass changes the
+    defaults (a preset).
     """
     values = dataclasses.asdict(params)
-    later = getattr(type(params), "ADDED_LATER", ())
-    if not isinstance(later, dict):
-        later = {f.name: f.default for f in dataclasses.fields(params) if f.name in later}
-    for name, legacy in later.items():
+    for name, legacy in getattr(type(params), "ADDED_LATER", {}).items():
         if name in values and values[name] == legacy:
             del values[name]
     return values

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-
 import json
 from dataclasses import dataclass
 
@@ -213,7 +212,7 @@ def test_set_values_are_parsed_against_each_fields_type():
 def test_params_key_leaves_out_later_fields_only_at_their_default():
     @dataclasses.dataclass
     class P:
-        ADDED_LATER = ("block",)
+        ADDED_LATER = {"block": "preln"}
         hidden: int = 64
         block: str = "preln"
 

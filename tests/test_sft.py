@@ -60,7 +60,6 @@ def make(model_dir: Path, tmp_path: Path, **overrides):
     return cls(params, ctx), scores
 
 
-
 def test_sft_fit_rank_trie_returns_k_distinct_unseen_catalog_items(model_dir, tmp_path):
     data = tiny_data()
     method, _ = make(model_dir, tmp_path)

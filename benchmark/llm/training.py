@@ -37,7 +37,6 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from benchmark.config import params_key
-
 from benchmark.errors import ConfigError
 from benchmark.llm.prompts import IGNORE
 
