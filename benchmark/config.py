@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmark.errors import ConfigError
+from benchmark.hparams import check_params
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -119,9 +120,11 @@ def resolve_params(method: str, params_cls: type, *layers: dict[str, dict[str, A
                 raise ConfigError(f"unknown hyperparameter {method}.{key}; {method} has: {known}")
             values[key] = _coerce(method, fields[key], value, hints)
     try:
-        return params_cls(**values)
+        params = params_cls(**values)
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"{method}: {exc}") from exc
+    check_params(method, params)
+    return params
 
 
 def params_dict(params: Any) -> dict[str, Any]:
