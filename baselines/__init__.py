@@ -2,7 +2,7 @@
 
 import importlib
 
-BUILTIN_MODULES = ("random", "pop", "sasrec", "sasrec_kv", "sft", "cft", "llamarec", "calrec", "p2rec")
+BUILTIN_MODULES = ("random", "pop", "sasrec", "sasrec_v1", "sft", "cft", "bigrec", "llamarec", "calrec", "p2rec")
 
 
 def _import_builtins() -> None:

@@ -2,7 +2,7 @@
 
 Li et al., "CALRec: Contrastive Alignment of Generative LLMs for Sequential
 Recommendation", RecSys 2024 (arXiv 2405.02429). No public code; the method details below
-come from the sourced notes in ``shared/papers/calrec.md`` (tags [S1]..[S11] refer to
+come from the sourced notes in ``baselines/sources/calrec.md`` (tags [S1]..[S11] refer to
 them). Where the paper (as far as the notes reach) leaves a choice open, it is a
 hyperparameter whose default and source are given here.
 
@@ -42,9 +42,15 @@ names L_NIG / L_TT / L_UT per S4; formulas 2nd-hand per S7]:
   notes flag it). Default here: nig 1, tt 0.5, ut 0.5 (the S7 contrastive weights, L_NIG
   kept at 1). `tau` is not reported: 0.05 (notes' engineering range 0.05-0.1).
 
-Two stages [S1, S2, S3, S5]: stage 1 fine-tunes on a mixture of domains, stage 2 on the
-target domain starting from stage 1's weights. `stage1="ml-1m,synthetic"` names the stage-1
-datasets (loaded by the runner under this run's protocol; empty = no stage 1, the default).
+Two stages [S1, S2, S3, S5], both run by default (the paper: both are crucial): stage 1
+fine-tunes on a mixture of domains, stage 2 on the target domain starting from stage 1's
+weights. `stage1="auto"` (default) takes the other MovieLens dataset of the pair (ml-1m for
+ml-100k, ml-100k for ml-1m; none for other datasets, named in the notes);
+`stage1="ml-1m,synthetic"` names the datasets (loaded by the runner under this run's
+protocol); `stage1=""` skips stage 1. Leakage check: a stage-1 dataset whose training
+interactions reach past the target's first test interaction (ML-1M, 2000-2003, for
+ML-100K, 1997-1998) is flagged in the row's notes (`stage1_leak="flag"`) or refused
+("refuse").
 In the paper the target categories are part of the stage-1 mixture (9 categories in stage
 1, 7 of them only there [S7]): `stage1_include_target=True` adds the target domain's
 training sequences. The mixture is pooled and capped jointly (seeded), so each domain
@@ -56,9 +62,10 @@ so a rerun resumes or reuses each, and units that differ only in inference mode 
 stage 2's fingerprint includes stage 1's.
 
 Backbone: the paper fully fine-tunes PaLM-2 XXS [S7, S8, S9]; here any causal LM (default
-the bundled SmolLM2-135M-Instruct), LoRA by default as SFT (`lora=false` for full
-fine-tuning as the paper). lr, steps and batch size are not reported: SFT's defaults,
-batch 8 (in-batch negatives need at least 2).
+the bundled SmolLM2-135M-Instruct), fully fine-tuned as the paper. lr, steps and batch size
+are not reported: CFT's full fine-tuning schedule (lr 1e-4, batch 16 x 4, 3 epochs,
+patience 1), the closest open recipe for a generative next-item LLM. Every value and its
+source: `python -m benchmark recipes calrec`.
 
 Inference (`inference=`):
 
@@ -70,18 +77,16 @@ Inference (`inference=`):
   not critical), and interleave the lists round-robin, skipping repeats, seen items and
   non-candidates (`benchmark.grounding.ground_bm25`). Items that share no word with a
   generation are not retrieved; rows left shorter than k are filled with the most popular
-  training items (`backfill="popularity"`, or "none" to PAD-fill; info reports how many).
-  N, temperature and list depth are not reported: 8 samples on CPU, 16 on CUDA (notes
-  suggest 8-32), temperature 0.7.
+  unseen training items (the harness's fill rule; info reports how many positions).
+  N and temperature are not reported: 16 samples (notes suggest 8-32), temperature 0.7.
 - "dense" (not in the paper as far as the notes reach; the two-tower embeddings used
   directly): v_U of the prompt vs v_T of every catalog item, cosine, top-k without seen
   and non-candidate items. Catalog embeddings are computed in batches once per trained
   weights and cached in ctx.work_dir/item_embeddings/ under a fingerprint of the weights,
   the item texts and the pooling.
 
-Device-dependent defaults ("auto"), as SFT: on CUDA every stage-2 training position,
-65,536 stage-1 examples, 512 validation users, 16 samples; on CPU 256 stage-2 and 256
-stage-1 examples, 32 validation users, 8 samples. bf16 autocast on CUDA.
+The CPU budget ("cpu"): 1,024 stage-1 and 2,048 stage-2 examples, one epoch, 256
+validation users, 8 samples.
 
 Reported in ctx.notes["calrec"]: inference mode, examples / steps / train seconds per
 stage, catalog embedding seconds and whether they came from the cache (dense).
@@ -90,22 +95,26 @@ stage, catalog embedding seconds and whether they came from the cache (dense).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, ClassVar, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from baselines.sft import _auto_int, cpu_threads, exclusions, history_texts
+from baselines.sft import exclusions, history_texts
 from benchmark.errors import ConfigError
 from benchmark.llm.contrastive import DIRECTIONS, info_nce, span_mean, text_groups
+from benchmark.hparams import hp
+from benchmark.llm.fields import BUNDLED_LLM, LLMFields, TrainFields
 from benchmark.llm.loading import LLM, load_llm, resolve_device
+from benchmark.llm.precision import PRECISIONS, autocast, cpu_threads, fp32, inference_precision, weight_dtype
 from benchmark.llm.pooling import batch_ids, cached_item_embeddings, embed_batches, last_hidden, pooled_hidden
 from benchmark.llm.prompts import (
     IGNORE,
@@ -129,6 +138,8 @@ from benchmark.llm.training import (
     sequence_examples,
     train,
 )
+from benchmark.ranking import fill_by_popularity
+from benchmark.recipes import Budget
 from benchmark.registry import Method, register_method
 from benchmark.types import PAD, CandidateSet, RankedLists, RankRequest, TrainData
 
@@ -155,10 +166,6 @@ PROMPTS: dict[str, PromptTemplate] = {**TEMPLATES, "calrec": CALREC_TEMPLATE}
 CALRecExample = tuple[np.ndarray, np.ndarray, int, int, np.ndarray]
 
 
-def _auto(value: Any, name: str, auto: int | None, allow_all: bool = False) -> int | None:
-    return _auto_int(value, name, auto, allow_all=allow_all, method="calrec")
-
-
 def parse_specs(text: str) -> list[str]:
     """'ml-1m,synthetic:seed=1,n_users=50' -> ['ml-1m', 'synthetic:seed=1,n_users=50'].
 
@@ -175,93 +182,89 @@ def parse_specs(text: str) -> list[str]:
     return list(dict.fromkeys(specs))
 
 
-@dataclass
-class CALRecParams:
-    """Hyperparameters; see the module docstring for each default's source."""
+NOTES = "baselines/sources/calrec.md"
+NOT_REPORTED = "not reported (baselines/sources/calrec.md 'Not found')"
+CFT_SCHEDULE = f"{NOT_REPORTED}; CFT's full fine-tuning schedule (itsmeyjt/CFT run.sh), the closest open recipe"
+# stage-1 datasets the harness uses by default for a target (the paper mixes other categories of the same source)
+STAGE1_AUTO = {"ml-100k": "ml-1m", "ml-1m": "ml-100k"}
 
-    llm: str | None = None  # None: --llm (ctx.llm), else the bundled SmolLM2-135M-Instruct
-    dtype: str = "auto"  # bf16 on CUDA, fp32 on CPU
-    item_text: str = "title_year"
-    prompt: str = "movie"  # "movie" | "generic" (SFT's prompts) | "calrec" (the paper's layout, S3)
-    history_len: int = 10
-    user_pooling: str = "history"  # "history" | "prompt": which prompt tokens v_U averages
-    # loss
-    nig_weight: float = 1.0
-    tt_weight: float = 0.5
-    ut_weight: float = 0.5
-    tau: float = 0.05  # contrastive temperature (cosine / tau)
-    contrastive: str = "both"  # "q2k" (user->item) | "k2q" (item->user, S7's formula) | "both"
-    # training (stage 2 = target domain)
-    lora: bool = True
-    lora_r: int = 8
-    lora_alpha: int = 16
-    lora_dropout: float = 0.05
-    lr: float | None = None  # None: 3e-4 with LoRA, 3e-5 full fine-tuning
-    epochs: int = 1
-    batch_size: int = 8
-    grad_accum: int = 1
-    max_steps: int | None = None
-    max_train_examples: str = "auto"  # auto: 256 on CPU, all on CUDA
-    early_stopping: str = "loss"  # "loss" (CALRec loss on validation users) | "ndcg" | "none"
-    valid_users: str = "auto"  # auto: 32 on CPU, 512 on CUDA
-    eval_every: int = 0  # optimizer steps between validations; 0 = once per epoch
-    patience: int = 3
+
+@dataclass
+class CALRecParams(TrainFields, LLMFields):
+    """The paper's values where the notes reach them; each other value says why it was chosen."""
+
+    llm: str | None = hp(None, none=BUNDLED_LLM, reference="PaLM-2 XXS",
+                         why="PaLM-2 is not openly available; the bundled SmolLM2-135M-Instruct unless --llm",
+                         source=f"{NOTES} [S7, S8, S9]")
+    precision: str = hp("bf16", choices=PRECISIONS, source=f"{NOT_REPORTED}; bf16 as every LLM recipe here")
+    item_text: str = hp("title_year", choices=ITEM_TEXT_STYLES,
+                        source=f"{NOTES} [S3 §1.2] attribute text; MovieLens has title and year")
+    prompt: str = hp("calrec", choices=tuple(PROMPTS), source=f"{NOTES} [S3 §1.2] sequence prefix + per-item prefixes")
+    history_len: int = hp(10, ge=1, source=f"{NOT_REPORTED}; 10 as the other generative recipes here")
+    user_pooling: str = hp("history", choices=("history", "prompt"), source=f"{NOTES} [S7] mean over the history tokens")
+    nig_weight: float = hp(1.0, ge=0, source=f"{NOTES} [S7] gives (1-a-b) with a=b=0.5, which would remove L_NIG; kept at 1")
+    tt_weight: float = hp(0.5, ge=0, source=f"{NOTES} [S7] a = 0.5")
+    ut_weight: float = hp(0.5, ge=0, source=f"{NOTES} [S7] b = 0.5")
+    tau: float = hp(0.05, gt=0, source=f"{NOT_REPORTED}; the notes' engineering range 0.05-0.1")
+    contrastive: str = hp("both", choices=DIRECTIONS, source=f"{NOTES} [S7] direction not verified; symmetric")
+    lora: bool = hp(False, source=f"{NOTES} [S7, S8, S9] PaLM-2 XXS fully fine-tuned")
+    lora_r: int = hp(8, ge=1, source="used only with lora=true (BIGRec's value)")
+    lora_alpha: int = hp(16, ge=1, source="used only with lora=true (BIGRec's value)")
+    lora_dropout: float = hp(0.05, ge=0, lt=1, source="used only with lora=true (BIGRec's value)")
+    lora_targets: str = hp("q_proj,v_proj", source="used only with lora=true (BIGRec's value)")
+    lr: float = hp(1e-4, gt=0, source=CFT_SCHEDULE)
+    weight_decay: float = hp(0.0, ge=0, source=CFT_SCHEDULE)
+    max_grad_norm: float = hp(1.0, ge=0, source=CFT_SCHEDULE)
+    warmup_steps: int = hp(20, ge=0, source=CFT_SCHEDULE)
+    epochs: int = hp(3, ge=1, source=CFT_SCHEDULE)
+    batch_size: int = hp(16, ge=1, source=f"{CFT_SCHEDULE}; in-batch negatives need at least 2")
+    grad_accum: int = hp(4, ge=1, source=CFT_SCHEDULE)
+    max_train_examples: int | None = hp(None, ge=1, none="all", source=f"{NOTES} [S7] the target categories' users")
+    early_stopping: str = hp("loss", choices=("loss", "ndcg", "none"), source=CFT_SCHEDULE)
+    valid_users: int | None = hp(None, ge=1, none="all", source=CFT_SCHEDULE)
+    eval_every: int = hp(0, ge=0, source=CFT_SCHEDULE)
+    patience: int = hp(1, ge=1, source=CFT_SCHEDULE)
     # stage 1 (mixture of domains)
-    stage1: str = ""  # comma list of dataset specs; empty = no stage 1
-    stage1_include_target: bool = True
-    stage1_max_examples: str = "auto"  # auto: 256 on CPU, 65,536 on CUDA; "all"
-    stage1_epochs: int = 1
-    stage1_lr: float | None = None  # None: lr
-    stage1_max_steps: int | None = None
+    stage1: str = hp("auto", source=f"{NOTES} [S1] both stages are crucial; auto: ml-1m for ml-100k and ml-100k "
+                                    "for ml-1m, none for other datasets (name them: stage1=spec,spec)")
+    stage1_include_target: bool = hp(True, source=f"{NOTES} [S7] the target categories are part of stage 1")
+    stage1_leak: str = hp("flag", choices=("flag", "refuse"),
+                          source="harness rule: a stage-1 dataset with training interactions after the target's "
+                                 "first test interaction is flagged in the notes, or refused")
+    stage1_max_examples: int | None = hp(None, ge=1, none="all", source=f"{NOTES} [S7] 3.59M users in stage 1")
+    stage1_epochs: int = hp(1, ge=1, source=f"{NOT_REPORTED}; one pass over the mixture")
+    stage1_lr: float | None = hp(None, gt=0, none="lr", source=f"{NOT_REPORTED}; stage 2's rate")
+    stage1_max_steps: int | None = hp(None, ge=1, none="the epochs", source="whole epochs (no step cap)")
     # inference
-    inference: str = "bm25"  # "bm25" | "dense"
-    n_samples: str = "auto"  # generations per user (bm25): auto = 16 on CUDA, 8 on CPU
-    temperature: float = 0.7  # sampling temperature (bm25); 0 = greedy
-    sample_order: str = "logprob"  # "logprob" | "sample": order in which lists are interleaved
-    max_new_tokens: int = 32
-    bm25_k1: float = 1.5
-    bm25_b: float = 0.75
-    backfill: str = "popularity"  # "popularity" | "none": fill rows BM25 leaves short
-    eval_batch_size: int = 8  # users per generation batch
-    embed_batch_size: int = 64  # texts per embedding batch (dense)
-    num_threads: int = 0  # torch CPU threads during fit/rank (restored after); 0 leaves torch's setting
+    inference: str = hp("bm25", choices=INFERENCE_MODES, role="infer",
+                        source=f"{NOTES} [S4, S5, S6] quasi-round-robin BM25 retrieval")
+    n_samples: int = hp(16, ge=1, role="infer", source=f"{NOT_REPORTED}; the notes suggest 8-32")
+    temperature: float = hp(0.7, ge=0, role="infer", source=f"{NOT_REPORTED}; the notes suggest 0.5-1.0")
+    sample_order: str = hp("logprob", choices=("logprob", "sample"), role="infer",
+                           source=f"{NOT_REPORTED}; lists interleaved best log-probability first")
+    max_new_tokens: int = hp(32, ge=1, role="infer", source=f"{NOT_REPORTED}; longer than every MovieLens title")
+    bm25_k1: float = hp(1.5, gt=0, role="infer", source=f"{NOTES} [S10] a k1/b search is not critical; bm25s default")
+    bm25_b: float = hp(0.75, ge=0, le=1, role="infer", source=f"{NOTES} [S10]; bm25s default")
+    eval_batch_size: int = hp(8, ge=1, role="harness")  # users per generation batch
+    embed_batch_size: int = hp(64, ge=1, role="harness")  # texts per embedding batch (dense)
 
     def __post_init__(self) -> None:
-        choices = {
-            "item_text": ITEM_TEXT_STYLES, "prompt": tuple(PROMPTS), "user_pooling": ("history", "prompt"),
-            "contrastive": DIRECTIONS, "early_stopping": ("loss", "ndcg", "none"),
-            "inference": INFERENCE_MODES, "sample_order": ("logprob", "sample"), "backfill": ("popularity", "none"),
-        }
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
-        if self.history_len < 1:
-            raise ValueError("history_len must be at least 1")
-        if self.tau <= 0:
-            raise ValueError("tau must be positive")
-        if self.temperature < 0:
-            raise ValueError("temperature must be >= 0")
-        if min(self.nig_weight, self.tt_weight, self.ut_weight) < 0:
-            raise ValueError("loss weights must be >= 0")
         if self.nig_weight + self.tt_weight + self.ut_weight == 0:
             raise ValueError("at least one loss weight must be positive")
         if (self.tt_weight or self.ut_weight) and self.batch_size < 2:
             raise ValueError("the contrastive losses use in-batch negatives: batch_size must be at least 2")
 
-    def resolved(self, device: torch.device) -> dict[str, int | None]:
-        gpu = device.type == "cuda"
-        return {
-            "max_train_examples": _auto(self.max_train_examples, "max_train_examples", None if gpu else 256,
-                                        allow_all=True),
-            "stage1_max_examples": _auto(self.stage1_max_examples, "stage1_max_examples", 65536 if gpu else 256,
-                                         allow_all=True),
-            "valid_users": _auto(self.valid_users, "valid_users", 512 if gpu else 32, allow_all=True),
-            "n_samples": _auto(self.n_samples, "n_samples", 16 if gpu else 8),
-        }
-
     @property
     def contrastive_on(self) -> bool:
         return bool(self.tt_weight or self.ut_weight)
+
+
+CPU_BUDGET = Budget(
+    reason="a 2-core CPU cannot train on every example of both stages (~1M stage-1 examples with ML-1M) nor "
+           "sample 16 generations for every user quickly; budget as SFT's",
+    changes={"stage1_max_examples": 1024, "max_train_examples": 2048, "epochs": 1, "valid_users": 256,
+             "n_samples": 8},
+)
 
 
 # -- training batches and loss ---------------------------------------------------------------
@@ -329,12 +332,6 @@ def calrec_loss(model: Any, batch: dict[str, torch.Tensor], p: CALRecParams) -> 
     return loss.sum(), int(loss.shape[0])
 
 
-def _autocast(device: torch.device):
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
 # -- temperature sampling ------------------------------------------------------------------------
 
 
@@ -357,7 +354,8 @@ def sample_generations(
     The prompt runs once per user; its KV cache is repeated for the user's samples. Tokens
     are drawn from softmax(logits / temperature) (temperature 0: greedy); the returned
     log-prob is the model's own (untempered) sequence log-probability including eos.
-    Seeded with a torch.Generator on the model's device; bf16 autocast on CUDA.
+    Seeded with a torch.Generator on the model's device; runs in the caller's precision
+    context (`benchmark.llm.precision.inference_precision`).
     """
     from tqdm.auto import tqdm
     from transformers import DynamicCache
@@ -372,7 +370,7 @@ def sample_generations(
     order = np.argsort([-len(p) for p in prompt_ids], kind="stable")
     results: list[list[tuple[list[int], float]]] = [[] for _ in prompt_ids]
     batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
-    with _autocast(device):
+    with contextlib.nullcontext():
         for chunk in tqdm(batches, desc="sample", disable=not progress, dynamic_ncols=True):
             prompts = [list(prompt_ids[int(i)]) or [eos_id] for i in chunk]
             width = max(len(p) for p in prompts)
@@ -427,6 +425,12 @@ def sample_generations(
 # -- the method ------------------------------------------------------------------------------------
 
 
+def _leaks(source: dict, target: dict) -> bool:
+    """A stage-1 source leaks when it trains on an interaction later than the target's first test interaction."""
+    last, first_test = source.get("train_max"), target.get("test_min")
+    return last is not None and first_test is not None and int(last) > int(first_test)
+
+
 def _single_validation(config: TrainConfig, n_examples: int) -> bool:
     steps_per_epoch = max(1, math.ceil(math.ceil(n_examples / config.batch_size) / config.grad_accum))
     total = config.max_steps or steps_per_epoch * config.epochs
@@ -439,6 +443,9 @@ class CALRec(Method):
 
     Params = CALRecParams
     uses_llm = True
+    RECIPE_VERSION: ClassVar[int] = 2
+    REFERENCE: ClassVar[str] = "Li et al., RecSys 2024 (arXiv 2405.02429); no public code, notes in baselines/sources/calrec.md"
+    BUDGETS: ClassVar[dict[str, Budget]] = {"cpu": CPU_BUDGET}
 
     @classmethod
     def check_params(cls, params: CALRecParams) -> None:
@@ -457,6 +464,8 @@ class CALRec(Method):
         self.weights_fingerprint = ""
         self.n_train = 0
         self.n_stage1 = 0
+        self.stage1_names = ""
+        self._stage1_times: list[tuple[str, dict]] = []
         self.results: dict[str, TrainResult] = {}
         self._bm25 = None
         self._prefix_ids: list[int] | None = None
@@ -464,28 +473,17 @@ class CALRec(Method):
     # -- setup -------------------------------------------------------------------------------
     def _load(self) -> LLM:
         p = self.params
-        return load_llm(p.llm or self.ctx.llm, dtype=p.dtype, device=resolve_device(self.ctx.device or "auto"))
+        return load_llm(p.llm or self.ctx.llm, dtype=weight_dtype(p.precision),
+                        device=resolve_device(self.ctx.device or "auto"))
 
-    def train_config(self, device: torch.device, stage: int) -> TrainConfig:
+    def train_config(self, stage: int) -> TrainConfig:
         p = self.params
-        auto = p.resolved(device)
-        first = stage == 1
-        return TrainConfig(
-            lr=(p.stage1_lr if p.stage1_lr is not None else p.lr) if first else p.lr,
-            epochs=p.stage1_epochs if first else p.epochs,
-            batch_size=p.batch_size,
-            grad_accum=p.grad_accum,
-            max_steps=p.stage1_max_steps if first else p.max_steps,
-            eval_every=0 if first else p.eval_every,
-            patience=0 if first or p.early_stopping == "none" else p.patience,
-            seed=self.ctx.seed,
-            max_train_examples=auto["stage1_max_examples" if first else "max_train_examples"],
-            lora=p.lora,
-            lora_r=p.lora_r,
-            lora_alpha=p.lora_alpha,
-            lora_dropout=p.lora_dropout,
-            progress=self.ctx.progress,
-        )
+        config = p.train_config(seed=self.ctx.seed, precision=p.precision, progress=self.ctx.progress)
+        if stage == 1:  # no early stopping in stage 1
+            config = dataclasses.replace(
+                config, lr=p.stage1_lr if p.stage1_lr is not None else p.lr, epochs=p.stage1_epochs,
+                max_steps=p.stage1_max_steps, eval_every=0, patience=0, max_train_examples=p.stage1_max_examples)
+        return config
 
     def _user_start(self, prompt: Sequence[int]) -> int:
         """First token of the user-specific part of a prompt (after the shared instruction)."""
@@ -549,7 +547,7 @@ class CALRec(Method):
             was_training = model.training
             model.eval()
             total, count = 0.0, 0
-            with torch.no_grad(), _autocast(device):
+            with torch.no_grad(), autocast(device, p.precision):
                 for chunk in batches:
                     loss, n = calrec_loss(model, calrec_collate(chunk, pad, device), p)
                     total += float(loss)
@@ -564,10 +562,18 @@ class CALRec(Method):
         with cpu_threads(self.params.num_threads):
             self._fit(data)
 
+    def stage1_specs(self, data: TrainData) -> list[str]:
+        """The stage-1 datasets: `stage1`, or for "auto" the other MovieLens of the pair."""
+        text = self.params.stage1.strip()
+        if text == "auto":
+            text = STAGE1_AUTO.get(data.dataset, "")
+        return parse_specs(text)
+
     def _stage1_pools(self, data: TrainData, specs: list[str]) -> tuple[list, list[str]]:
         if self.ctx.dataset_loader is None:
             raise ConfigError("calrec.stage1 needs other datasets, but this run context has no dataset loader")
         pools, names = [], []
+        self._stage1_times: list[tuple[str, dict]] = []
         if self.params.stage1_include_target:
             pools.append((data.train, self.texts))
             names.append(f"{data.dataset}:{data.fingerprint}")
@@ -577,6 +583,7 @@ class CALRec(Method):
                 continue  # the target domain itself: included (or not) by stage1_include_target
             pools.append((split.train, catalog_texts(split.catalog, self.params.item_text)))
             names.append(f"{split.dataset}:{split.fingerprint}")
+            self._stage1_times.append((split.dataset, dict(split.config.get("times") or {})))
         return pools, names
 
     def _fit(self, data: TrainData) -> None:
@@ -598,12 +605,19 @@ class CALRec(Method):
 
         # stage 1: mixture of domains
         stage1_fp = ""
-        specs = parse_specs(p.stage1)
+        specs = self.stage1_specs(data)
         if specs:
-            config1 = self.train_config(device, stage=1)
+            config1 = self.train_config(stage=1)
             pools, names = self._stage1_pools(data, specs)
+            leaks = [name for name, times in self._stage1_times if _leaks(times, data.times)]
+            if leaks and p.stage1_leak == "refuse":
+                raise ConfigError(f"calrec stage 1: {', '.join(leaks)} has training interactions after the first "
+                                  f"test interaction of {data.dataset}; name other stage-1 datasets "
+                                  "(calrec.stage1=...) or set calrec.stage1_leak=flag")
+            notes["stage1_leak"] = leaks
             examples1 = self._domain_examples(pools, config1.max_train_examples)
             self.n_stage1 = len(examples1)
+            self.stage1_names = ",".join(specs)
             extra1 = f"calrec-stage1|{common}|{';'.join(names)}"
             model = prepare_model(model, config1)
             stage1_dir = self._stage_dir("stage1", config1.fingerprint(len(examples1), extra1))
@@ -611,16 +625,16 @@ class CALRec(Method):
                                 fingerprint_extra=extra1, **hooks)
             self.results["stage1"] = res1
             stage1_fp = config1.fingerprint(len(examples1), extra1)
-            model = merge_for_inference(model)  # stage 2 starts from these weights (fresh adapters)
+            model = merge_for_inference(model, "fp32" if not p.lora else p.precision)  # stage 2 starts here
             notes["stage1"] = {"datasets": names, "examples": len(examples1), "steps": res1.steps,
                                "resumed_from": res1.resumed_from, "train_seconds": round(res1.seconds, 2)}
 
         # stage 2: the target domain
-        config2 = self.train_config(device, stage=2)
+        config2 = self.train_config(stage=2)
         examples = self._domain_examples([(data.train, self.texts)], config2.max_train_examples)
         self.n_train = len(examples)
         validate = None
-        rows = self._valid_rows(data, p.resolved(device)["valid_users"])
+        rows = self._valid_rows(data, p.valid_users)
         if p.early_stopping == "none" or _single_validation(config2, len(examples)):
             rows = rows[:0]  # one validation at the very end selects nothing: save its cost
         if p.early_stopping == "loss" and len(rows):
@@ -643,7 +657,7 @@ class CALRec(Method):
         model, res2 = train(model, examples, config2, pad_id=self.llm.pad_id, work_dir=stage2_dir,
                             validate=validate, fingerprint_extra=extra2, **hooks)
         self.results["stage2"] = res2
-        self.llm.model = merge_for_inference(model)
+        self.llm.model = merge_for_inference(model, p.precision)
         self.weights_fingerprint = self._fingerprint(config2.fingerprint(len(examples), extra2), data.fingerprint)
         notes["stage2"] = {"examples": len(examples), "steps": res2.steps, "best_step": res2.best_step,
                            "best_score": res2.best_score, "stopped_early": res2.stopped_early,
@@ -673,34 +687,37 @@ class CALRec(Method):
 
     # -- rank ----------------------------------------------------------------------------------
     def rank(self, request: RankRequest) -> RankedLists:
-        with cpu_threads(self.params.num_threads):
+        if self.llm is None:
+            raise ConfigError("calrec: rank() called before fit()")
+        with cpu_threads(self.params.num_threads), inference_precision(self.llm.model):
             return self._rank(request)
 
     def _rank(self, request: RankRequest) -> RankedLists:
-        if self.llm is None:
-            raise ConfigError("calrec: rank() called before fit()")
         p = self.params
         ranked = self._rank_with(self.llm.model, request, progress=self.ctx.progress, cache=True)
+        exclude = exclusions(request, len(self.texts))
+        filled = np.zeros(len(ranked.users))
+        for row in range(len(ranked.users)):
+            ranked.items[row], filled[row] = fill_by_popularity(ranked.items[row], self.popularity, exclude[row])
+        ranked.extras["filled"] = filled
         info: dict[str, Any] = {"inference": p.inference, "llm": self.llm.name, "train_examples": self.n_train,
                                 "stage1_examples": self.n_stage1, "item_text": p.item_text}
         if p.inference == "bm25":
-            info.update(n_samples=self._n_samples(), temperature=p.temperature, backfill=p.backfill)
-        stage1 = f"stage 1 on {p.stage1} ({self.n_stage1} examples)" if self.n_stage1 else "no stage 1"
-        mode = (f"BM25 over {self._n_samples()} sampled generations (T={p.temperature:g}), round-robin"
+            info.update(n_samples=p.n_samples, temperature=p.temperature)
+        leaks = (self.ctx.notes.get("calrec") or {}).get("stage1_leak") or []
+        stage1 = (f"stage 1 on {self.stage1_names} ({self.n_stage1} examples"
+                  + (f"; LEAK FLAGGED: {', '.join(leaks)} has interactions after the target's test start" if leaks
+                     else "") + ")") if self.n_stage1 else "no stage 1"
+        mode = (f"BM25 over {p.n_samples} sampled generations (T={p.temperature:g}), round-robin"
                 if p.inference == "bm25" else "dense user-tower retrieval")
+        info["filled_positions"] = int(filled.sum())
         info["leaderboard_note"] = (f"{self.llm.name}, {self.n_train} training examples, {stage1}; inference: {mode}"
-                                    + (f"; {ranked.info['backfilled_users']} users backfilled by popularity"
-                                       if ranked.info.get("backfilled_users") else ""))
+                                    + (f"; {int((filled > 0).sum())} users' lists filled by popularity "
+                                       f"({int(filled.sum())} positions)" if filled.any() else "")
+                                    + f", {p.precision}")
         ranked.info.update(info)
         self.ctx.notes.setdefault("calrec", {})["inference"] = p.inference
-        short = int((ranked.items == PAD).any(axis=1).sum())
-        if short:
-            ranked.info["note"] = (f"{short} of {len(ranked.users)} users got fewer than k={request.k} items; "
-                                   "their lists are PAD-filled")
         return ranked
-
-    def _n_samples(self) -> int:
-        return int(self.params.resolved(self.llm.device)["n_samples"])
 
     def _prompts(self, request: RankRequest) -> list[list[int]]:
         hists = [history_texts(self.texts, h, self.params.history_len) for h in request.histories]
@@ -749,7 +766,8 @@ class CALRec(Method):
         chunk = 128
         for start in range(0, n, chunk):
             u = F.normalize(users_emb[start : start + chunk].float(), dim=-1).to(device)
-            sim = u @ item_n.T
+            with fp32(device):  # similarities that rank stay fp32 under the caller's autocast
+                sim = u @ item_n.T
             for r in range(sim.shape[0]):
                 ex = exclude[start + r]
                 if len(ex):
@@ -780,7 +798,7 @@ class CALRec(Method):
 
         p, llm, k = self.params, self.llm, request.k
         samples = sample_generations(
-            model, prompts, n_samples=self._n_samples(), temperature=p.temperature, max_new_tokens=p.max_new_tokens,
+            model, prompts, n_samples=p.n_samples, temperature=p.temperature, max_new_tokens=p.max_new_tokens,
             pad_id=llm.pad_id, eos_id=llm.eos_id, batch_size=p.eval_batch_size, seed=self.ctx.seed, progress=progress,
         )
         texts = []
@@ -793,26 +811,7 @@ class CALRec(Method):
         valid = np.array([1.0 if user and normalize_text(user[0]) in index else 0.0 for user in texts])
         n = len(prompts)
         items = np.full((n, k), PAD, dtype=np.int64)
-        filled = 0
         for row, ids in enumerate(ranked_ids):
-            ids = list(np.asarray(ids, dtype=np.int64)[:k])
-            if len(ids) < k and p.backfill == "popularity":
-                ids, added = self._backfill(ids, exclude[row], k)
-                filled += added > 0
+            ids = np.asarray(ids, dtype=np.int64)[:k]
             items[row, : len(ids)] = ids
-        ranked = RankedLists(users=np.asarray(request.users).copy(), items=items, extras={"valid": valid})
-        ranked.info["backfilled_users"] = int(filled)
-        return ranked
-
-    def _backfill(self, ids: list[int], exclude: np.ndarray, k: int) -> tuple[list[int], int]:
-        """Append the most popular training items not excluded and not already listed."""
-        taken = set(int(i) for i in ids) | set(int(i) for i in np.asarray(exclude).reshape(-1))
-        added = 0
-        for item in self.popularity:
-            if len(ids) >= k:
-                break
-            if int(item) not in taken:
-                ids.append(int(item))
-                taken.add(int(item))
-                added += 1
-        return ids, added
+        return RankedLists(users=np.asarray(request.users).copy(), items=items, extras={"valid": valid})

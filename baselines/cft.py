@@ -15,6 +15,11 @@ whose prompts and scripts are not copied. The method, as that code does it:
   Gradients flow through both branches (`detach=True` stops the counterfactual one).
 - inference is SFT's (same prompt, same grounding), so any gain comes from training.
 
+Recipe: SFT's (which is this recipe without the loss; see `baselines/sft.py`) plus
+alpha 0.1, beta 0.25, linear weighting, gradients through both branches. The evaluation
+loss used for early stopping is the token-weighted normal loss, as the reference computes
+it when the model is not training.
+
 Efficiency: one forward pass per batch. Factual rows are right-padded; the much shorter
 counterfactual sequences are packed several to a row of the same width, with a
 block-diagonal causal mask and restarted position ids, so almost no compute goes to
@@ -27,13 +32,14 @@ hidden states, so only two [n_target_tokens, vocab] logit tensors exist, never
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, ClassVar, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from baselines.sft import SFT, SFTParams, history_texts
+from baselines.sft import CFT_CODE, SFT, SFTParams, history_texts
+from benchmark.hparams import hp
 from benchmark.llm.prompts import IGNORE, encode_examples
 from benchmark.llm.training import cap_examples, decoder_body, head_logits, lm_head, sequence_examples
 from benchmark.registry import register_method
@@ -168,44 +174,43 @@ def cft_loss(model: Any, batch: dict[str, torch.Tensor], *, alpha: float, detach
 
 @dataclass
 class CFTParams(SFTParams):
-    """SFT's hyperparameters plus CFT's: alpha (effect-loss weight, reference 0.1), beta
-    (weight of the last target token, reference 0.25), weighting ("linear" | "none") and
-    detach (stop gradients through the counterfactual branch; the reference does not)."""
+    """SFT's parameters (CFT's recipe) plus CFT's own four: alpha, beta, weighting, detach."""
 
-    alpha: float = 0.1
-    beta: float = 0.25
-    weighting: str = "linear"
-    detach: bool = False
+    alpha: float = hp(0.1, ge=0, source=f"{CFT_CODE} train.py:108 loss += 0.1 * loss_diff")
+    beta: float = hp(0.25, ge=0, le=1, source=f"{CFT_CODE} train.py:88 beta = 0.25 (weight of the last target token)")
+    weighting: str = hp("linear", choices=WEIGHTINGS, source=f"{CFT_CODE} train.py:87-95 linear decay 1 -> beta")
+    detach: bool = hp(False, source=f"{CFT_CODE} train.py:75-76 both forward passes carry gradients")
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.weighting not in WEIGHTINGS:
-            raise ValueError(f"weighting must be one of {', '.join(WEIGHTINGS)}, got {self.weighting!r}")
-        if not 0.0 <= self.beta <= 1.0:
-            raise ValueError("beta must be in [0, 1]")
+    # the fields CFT adds to SFT: `cft` and `sft` may differ only in these
+    OWN_FIELDS: ClassVar[tuple[str, ...]] = ("alpha", "beta", "weighting", "detach")
 
 
 @register_method("cft")
 class CFT(SFT):
-    """SFT plus a counterfactual causal-effect loss with token-level weights (CFT)."""
+    """SFT plus the counterfactual causal-effect loss with token-level weights (CFT's reference recipe)."""
 
     Params = CFTParams
+    REFERENCE: ClassVar[str] = f"{CFT_CODE} (Zhang et al. 2024, arXiv 2410.22809)"
 
     def _examples(self, data: TrainData, cap: int | None) -> list[CFTExample]:
         n = self.params.history_len
-        pairs = cap_examples(sequence_examples(data.train, history_len=n), cap, seed=self.ctx.seed)
+        pairs = self._pairs(data, cap)
         hists = [history_texts(self.texts, data.train[u][:t], n) for u, t in pairs]
         targets = [self.texts[int(data.train[u][t])] for u, t in pairs]
         factual = encode_examples(self.llm, self.template, hists, targets)
         counter = encode_examples(self.llm, self.template, hists, targets, with_history=False)
         return [(f[0], f[1], c[0], c[1]) for f, c in zip(factual, counter)]
 
+    def validation_weights(self):
+        """The reference's evaluation loss is the token-weighted normal loss (train.py:100-108)."""
+        p = self.params
+        return lambda n: token_weights(n, p.beta, p.weighting)
+
     def train_hooks(self) -> dict[str, Any]:
         p = self.params
-        dtype = self.llm.dtype if self.llm is not None else torch.float32
 
         def collate_fn(examples, pad_id, device):
-            return pack_batch(examples, pad_id, device, beta=p.beta, weighting=p.weighting, mask_dtype=dtype)
+            return pack_batch(examples, pad_id, device, beta=p.beta, weighting=p.weighting, mask_dtype=torch.float32)
 
         def loss_fn(model, batch):
             return cft_loss(model, batch, alpha=p.alpha, detach=p.detach)

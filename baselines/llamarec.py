@@ -27,9 +27,12 @@ Ranking"; implemented from the paper and the reference code (Yueeeeeeee/LlamaRec
   reports the retrieval hit rate, the metrics on the retrieved subset and overall, and the
   retriever's own metrics on the same users (`two_stage` in metrics.json).
 
-CPU budget ("auto"): 128 training examples, history of 10 items, no mid-epoch validation
-(a CPU run of ML-100K with 100 test users takes ~15 minutes, bench/RESULTS.md); on CUDA
-every example, history 20 (the reference's), validation every 200 steps on 512 users.
+Recipe (version 2): the reference code's values, each with its source in `LlamaRecParams`
+(`python -m benchmark recipes llamarec`): history 20, micro-batch 16, warmup 100 steps,
+validation every 100 steps with patience 20, every training prefix, 4-bit QLoRA on CUDA.
+Permanent departures: the retriever is SASRec+ (`sasrec`), not LRURec; 4-bit loading needs
+bitsandbytes (CUDA, `quantize=4bit`). The CPU budget trains on 1,024 examples and validates
+on 128 retrieved users.
 """
 
 from __future__ import annotations
@@ -37,15 +40,17 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass, is_dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 
-from baselines.sft import _auto_int, cpu_threads
 from benchmark.config import params_key
 from benchmark.errors import ConfigError
+from benchmark.hparams import fields_with_role, hp
+from benchmark.llm.fields import BUNDLED_LLM, LLMFields, TrainFields
 from benchmark.llm.loading import LLM, load_llm, resolve_device
+from benchmark.llm.precision import PRECISIONS, cpu_threads, weight_dtype
 from benchmark.llm.prompts import IGNORE, ITEM_TEXT_STYLES, PromptTemplate, catalog_texts, prompt_frame
 from benchmark.llm.training import (
     TrainConfig,
@@ -57,6 +62,7 @@ from benchmark.llm.training import (
     training_dir,
 )
 from benchmark.llm.verbalizer import index_labels, label_token_ids, verbalizer_scores
+from benchmark.recipes import Budget
 from benchmark.registry import Method, get_method, register_method
 from benchmark.types import PAD, CandidateSet, RankedLists, RankRequest, TrainData
 
@@ -64,58 +70,64 @@ SYSTEM = "Given user history in chronological order, recommend an item from the 
 TEST_ORDERS = ("retriever", "shuffled")
 
 
-@dataclass
-class LlamaRecParams:
-    """Hyperparameters; defaults are the reference code's unless noted (CPU "auto" budgets)."""
+LLAMAREC = "Yueeeeeeee/LlamaRec@48b288b"
 
-    llm: str | None = None  # None: --llm (ctx.llm), else the bundled SmolLM2-135M-Instruct
-    dtype: str = "auto"
-    retriever: str = "sasrec"  # any registered classic method with rank(); fitted with the same seed
-    k: int = 20  # candidates reranked (index letters A..)
-    history_len: str = "auto"  # items in the prompt: auto = 20 on CUDA (reference), 10 on CPU
-    title_tokens: int = 32  # tokens kept of each title (reference llm_max_title_len)
-    item_text: str = "title_year"
-    test_order: str = "retriever"  # "retriever" (reference) | "shuffled"
-    lora: bool = True
-    lora_r: int = 8
-    lora_alpha: int = 32
-    lora_dropout: float = 0.05
-    lora_targets: str = "q_proj,v_proj"
-    lr: float = 1e-4
-    epochs: int = 1
-    batch_size: int = 8
-    grad_accum: int = 1
-    max_steps: int | None = None
-    max_train_examples: str = "auto"  # auto = 128 on CPU, all on CUDA
-    early_stopping: str = "ndcg"  # "ndcg" | "none"
-    valid_users: str = "auto"  # auto = 32 on CPU, 512 on CUDA (users whose target was retrieved)
-    eval_every: str = "auto"  # optimizer steps between validations: auto = 200 on CUDA, once per epoch on CPU
-    patience: int = 3
-    eval_batch_size: int = 8
-    num_threads: int = 0  # torch CPU threads during fit/rank; 0 leaves torch's setting
+
+@dataclass
+class LlamaRecParams(TrainFields, LLMFields):
+    """The reference code's values (config.py, trainer/llm.py, train_ranker.py), each with its source."""
+
+    llm: str | None = hp(None, none=BUNDLED_LLM, reference="meta-llama/Llama-2-7b-hf",
+                         why="the bundled SmolLM2-135M-Instruct unless --llm names another",
+                         source=f"{LLAMAREC} config.py:122 llm_base_model")
+    precision: str = hp("bf16", choices=PRECISIONS, source=f"{LLAMAREC} trainer/llm.py:105 bf16=True")
+    quantize: str = hp("none", choices=("none", "4bit"), reference="4bit",
+                       why="4-bit NF4 loading needs bitsandbytes on CUDA (set quantize=4bit there)",
+                       source=f"{LLAMAREC} config.py:133 llm_load_in_4bit=True; train_ranker.py:36-49 NF4, "
+                              "double quantization, prepare_model_for_kbit_training")
+    retriever: str = hp("sasrec", reference="LRURec",
+                        why="LRURec is not implemented here; the retriever is the strongest SASRec recipe (sasrec)",
+                        source=f"{LLAMAREC} train_retriever.py (LRURec, model/lru.py)")
+    k: int = hp(20, ge=1, le=26, source=f"{LLAMAREC} config.py:128 llm_negative_sample_size=19 (+1 positive)")
+    history_len: int = hp(20, ge=1, source=f"{LLAMAREC} config.py:126 llm_max_history=20")
+    title_tokens: int = hp(32, ge=1, source=f"{LLAMAREC} config.py:124 llm_max_title_len=32")
+    item_text: str = hp("title_year", choices=ITEM_TEXT_STYLES,
+                        source=f"{LLAMAREC} datasets/ml_100k.py: MovieLens titles with the year")
+    test_order: str = hp("retriever", choices=TEST_ORDERS, role="infer",
+                         source=f"{LLAMAREC} dataloader/llm.py:259 candidates in retriever order (shuffle commented out)")
+    lora: bool = hp(True, source=f"{LLAMAREC} train_ranker.py:50 LoraConfig")
+    lora_r: int = hp(8, ge=1, source=f"{LLAMAREC} config.py:140 lora_r=8")
+    lora_alpha: int = hp(32, ge=1, source=f"{LLAMAREC} config.py:141 lora_alpha=32")
+    lora_dropout: float = hp(0.05, ge=0, lt=1, source=f"{LLAMAREC} config.py:142 lora_dropout=0.05")
+    lora_targets: str = hp("q_proj,v_proj", source=f"{LLAMAREC} config.py:143 lora_target_modules")
+    lr: float = hp(1e-4, gt=0, source=f"{LLAMAREC} config.py:147 lora_lr=1e-4")
+    weight_decay: float = hp(0.0, ge=0, source=f"{LLAMAREC} trainer/llm.py:99 TrainingArguments default 0 "
+                                              "(paged_adamw_32bit; AdamW here)")
+    max_grad_norm: float = hp(1.0, ge=0, source=f"{LLAMAREC} trainer/llm.py:99 TrainingArguments default 1")
+    warmup_steps: int = hp(100, ge=0, source=f"{LLAMAREC} trainer/llm.py:102 warmup_steps (config.py:44: 100)")
+    epochs: int = hp(1, ge=1, source=f"{LLAMAREC} config.py:144 lora_num_epochs=1")
+    batch_size: int = hp(16, ge=1, source=f"{LLAMAREC} config.py:26-27 micro-batch 16 on ml-100k")
+    grad_accum: int = hp(1, ge=1, source=f"{LLAMAREC} trainer/llm.py:101 train_batch_size // micro-batch = 16 // 16")
+    max_train_examples: int | None = hp(None, ge=1, none="all",
+                                        source=f"{LLAMAREC} dataloader/llm.py:209-210 every prefix of every user")
+    early_stopping: str = hp("ndcg", choices=("ndcg", "none"),
+                             source=f"{LLAMAREC} trainer/llm.py:119 metric_for_best_model=NDCG@10")
+    valid_users: int | None = hp(None, ge=1, none="all retrieved",
+                                 source=f"{LLAMAREC} dataloader/llm.py:118 every validation user whose target is "
+                                        "in the retriever's top-20")
+    eval_every: int = hp(100, ge=0, source=f"{LLAMAREC} config.py:145 lora_val_iterations=100")
+    patience: int = hp(20, ge=1, source=f"{LLAMAREC} config.py:146 lora_early_stopping_patience=20")
+    eval_batch_size: int = hp(8, ge=1, role="harness")
 
     def __post_init__(self) -> None:
-        if self.test_order not in TEST_ORDERS:
-            raise ValueError(f"test_order must be one of {', '.join(TEST_ORDERS)}, got {self.test_order!r}")
-        if self.early_stopping not in ("ndcg", "none"):
-            raise ValueError(f"early_stopping must be ndcg or none, got {self.early_stopping!r}")
-        if self.item_text not in ITEM_TEXT_STYLES:
-            raise ValueError(f"item_text must be one of {', '.join(ITEM_TEXT_STYLES)}, got {self.item_text!r}")
         index_labels(self.k)  # 1..26
-        if self.title_tokens < 1:
-            raise ValueError("title_tokens must be at least 1")
 
-    def resolved(self, device: torch.device) -> dict[str, int | None]:
-        gpu = device.type == "cuda"
-        def auto(field: str, value: int | None, allow_all: bool = False) -> int | None:
-            return _auto_int(getattr(self, field), field, value, allow_all=allow_all, method="llamarec")
 
-        return {
-            "max_train_examples": auto("max_train_examples", None if gpu else 128, allow_all=True),
-            "history_len": auto("history_len", 20 if gpu else 10),
-            "valid_users": auto("valid_users", 512 if gpu else 32, allow_all=True),
-            "eval_every": auto("eval_every", 200 if gpu else None) or 0,  # 0: once per epoch
-        }
+CPU_BUDGET = Budget(
+    reason="a 2-core CPU trains ~400 prompt tokens/s; every prefix of every user (~97k prompts of ~600 tokens on "
+           "ML-100K) would take about 40 hours, and validation on every retrieved user every 100 steps most of that again",
+    changes={"max_train_examples": 1024, "valid_users": 128},
+)
 
 
 def negatives_for(rng: np.random.Generator, n_items: int, forbidden: np.ndarray, count: int) -> np.ndarray:
@@ -132,6 +144,9 @@ class LlamaRec(Method):
 
     Params = LlamaRecParams
     uses_llm = True
+    RECIPE_VERSION: ClassVar[int] = 2
+    REFERENCE: ClassVar[str] = f"{LLAMAREC} (Yue et al. 2023, arXiv 2310.19488)"
+    BUDGETS: ClassVar[dict[str, Budget]] = {"cpu": CPU_BUDGET}
 
     @classmethod
     def check_params(cls, params: LlamaRecParams) -> None:
@@ -170,7 +185,7 @@ class LlamaRec(Method):
         return [list(ids) for ids in self.llm.tokenizer(texts, add_special_tokens=add_special)["input_ids"]]
 
     def _history_len(self) -> int:
-        return int(self.params.resolved(self.llm.device)["history_len"])
+        return int(self.params.history_len)
 
     def _truncated_texts(self, data: TrainData) -> list[str]:
         texts = catalog_texts(data.catalog, self.params.item_text)
@@ -227,32 +242,24 @@ class LlamaRec(Method):
     def _fit(self, data: TrainData) -> None:
         p = self.params
         self.retriever = self._load_retriever()
-        self.llm = load_llm(p.llm or self.ctx.llm, dtype=p.dtype, device=resolve_device(self.ctx.device or "auto"))
+        self.llm = load_llm(p.llm or self.ctx.llm, dtype=weight_dtype(p.precision),
+                            device=resolve_device(self.ctx.device or "auto"), quantize=p.quantize)
         self.letter_ids = label_token_ids(self.llm, index_labels(p.k))
         self.texts = self._truncated_texts(data)
-        auto = p.resolved(self.llm.device)
-        config = TrainConfig(
-            lr=p.lr, epochs=p.epochs, batch_size=p.batch_size, grad_accum=p.grad_accum, max_steps=p.max_steps,
-            eval_every=int(auto["eval_every"] or 0), patience=p.patience if p.early_stopping != "none" else 0,
-            seed=self.ctx.seed, max_train_examples=auto["max_train_examples"], lora=p.lora, lora_r=p.lora_r,
-            lora_alpha=p.lora_alpha, lora_dropout=p.lora_dropout,
-            lora_targets=tuple(t.strip() for t in p.lora_targets.split(",") if t.strip()),
-            progress=self.ctx.progress,
-        )
+        config = p.train_config(seed=self.ctx.seed, precision=p.precision, progress=self.ctx.progress)
         examples = self.training_examples(data, config.max_train_examples)
         self.n_train = len(examples)
-        validate = self._validator(data, auto["valid_users"], config, len(examples))
+        validate = self._validator(data, p.valid_users, config, len(examples))
         model = prepare_model(self.llm.model, config)
-        extra = (f"llamarec|{self.llm.path}|{p.item_text}|{auto['history_len']}|{p.k}|{p.title_tokens}|"
-                 f"{p.retriever}|{data.fingerprint}")
+        extra = f"llamarec|{self.llm.path}|{p.retriever}|{data.fingerprint}"
         # the retriever's settings shape validation (which users, which candidates), so they key training too
         retriever_params = getattr(self.retriever, "params", None)
         key_extra = f"{extra}|{getattr(validate, 'n_users', 0)}|" + (
             json.dumps(params_key(retriever_params), sort_keys=True, default=str) if is_dataclass(retriever_params) else "")
-        work = training_dir(self.ctx, "llamarec", p, ("test_order", "eval_batch_size", "num_threads"), key_extra)
+        work = training_dir(self.ctx, "llamarec", p, fields_with_role(p, "infer", "harness"), key_extra)
         model, self.result = train(model, examples, config, pad_id=self.llm.pad_id, work_dir=work,
                                    validate=validate, fingerprint_extra=extra)
-        self.llm.model = merge_for_inference(model)
+        self.llm.model = merge_for_inference(model, p.precision)
         self.ctx.notes["llamarec"] = {
             "retriever": p.retriever,
             "train_examples": self.n_train,
@@ -262,7 +269,8 @@ class LlamaRec(Method):
             "best_valid_ndcg@10": self.result.best_score,
             "valid_users": 0 if validate is None else int(getattr(validate, "n_users", 0)),
             "train_seconds": round(self.result.total_seconds, 2),
-            "history_len": auto["history_len"],
+            "history": self.result.history,
+            "precision": p.precision,
         }
         if self.result.loaded_only:
             self.ctx.notes["llamarec"]["loaded_from"] = str(work)  # a finished checkpoint, only loaded
@@ -306,7 +314,7 @@ class LlamaRec(Method):
         prompts = self.encode_prompts(histories, cand_lists)
         ids = [self.letter_ids[: max(int(c), 1)] + [self.letter_ids[0]] * (k - max(int(c), 1)) for c in counts]
         scores = verbalizer_scores(model, prompts, ids, pad_id=self.llm.pad_id, batch_size=self.params.eval_batch_size,
-                                   progress=progress)
+                                   progress=progress, precision=self.params.precision)
         items = np.full((n, k), PAD, dtype=np.int64)
         out_scores = np.full((n, k), -np.inf, dtype=np.float64)
         for r in range(n):

@@ -2,7 +2,7 @@
 
 Liu et al., "A Practice-Friendly LLM-Enhanced Paradigm with Preference Parsing for
 Sequential Recommendation" (v1 title: TSLRec). No public code exists; only the abstract and
-two third-party reviews could be read (notes in shared/papers/p2rec.md, sources [S1]-[S5]
+two third-party reviews could be read (notes in baselines/sources/p2rec.md, sources [S1]-[S5]
 there). Every choice the paper leaves open is a hyperparameter; its default and where it
 comes from are listed below.
 
@@ -58,12 +58,13 @@ The method, as implemented here:
    downstream optimiser sees the scale it was tuned for). ``init="replace"`` uses it as
    the table; ``init="add"`` adds it to a seeded xavier-normal random table.
 
-Device-dependent defaults ("auto"), chosen so that a CPU run of ML-100K stays within a few
-minutes beside SASRec while a GPU run uses everything: fine-tuning users 256 on CPU / all on
-CUDA; history_len 20 / 50; epochs 1 / 3; held-out validation users 32 / 256 (a seeded sample
-of users left out of fine-tuning, at most half of them, scored by MSE exactly like training users; their minus
-MSE drives early stopping when more than one validation would run, and the final held-out
-MSE is always reported next to that of the constant predictor).
+Recipe version 2: every value with its source or reason in `P2RecParams`
+(`python -m benchmark recipes p2rec`): all users, history 50, 3 epochs, 256 held-out
+validation users (a seeded sample left out of fine-tuning, at most half of them, scored by
+MSE exactly like training users; their minus MSE drives early stopping when more than one
+validation would run, and the final held-out MSE is always reported next to that of the
+constant predictor). The CPU budget ("cpu"): 256 users, history 20, one epoch, 32 held-out
+users. The pre-trained and downstream models are the strongest SASRec recipe (`sasrec`).
 
 Cost report, ``ctx.notes["p2rec"]``: fine-tuning examples (= users), tokens, train,
 embedding and k-means seconds, K and cluster sizes, whether the embeddings came from the
@@ -73,23 +74,27 @@ downstream model's notes.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import gc
 import hashlib
 import math
 import time
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, ClassVar, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from baselines.sft import _auto_int, cpu_threads, history_texts
+from baselines.sft import history_texts
 from benchmark.config import resolve_params
 from benchmark.errors import ConfigError
+from benchmark.hparams import hp
+from benchmark.llm.fields import BUNDLED_LLM, LLMFields, TrainFields
 from benchmark.llm.kmeans import kmeans
+from benchmark.llm.precision import PRECISIONS, autocast, cpu_threads, weight_dtype
 from benchmark.llm.loading import LLM, load_llm, resolve_device
 from benchmark.llm.pooling import POOLINGS, batch_ids, cached_item_embeddings, embed_batches, pool, pooled_hidden
 from benchmark.llm.prompts import ITEM_TEXT_STYLES, PromptTemplate, catalog_texts, prompt_ids_batch
@@ -102,6 +107,7 @@ from benchmark.llm.training import (
     train,
     trainable_state,
 )
+from benchmark.recipes import Budget
 from benchmark.registry import Method, get_method, register_method
 from benchmark.types import RankedLists, RankRequest, TrainData
 
@@ -132,87 +138,67 @@ HEAD_NORMS = ("l2", "none")
 Example = tuple[np.ndarray, np.ndarray]  # (prompt token ids int32, target distribution float32 [K])
 
 
-def _auto(value: Any, name: str, auto: int | None, *, allow_all: bool = False, minimum: int = 1) -> int | None:
-    return _auto_int(value, name, auto, allow_all=allow_all, method="p2rec", minimum=minimum)
+NOTES = "baselines/sources/p2rec.md"
+NOT_FOUND = "not found in the readable parts of the paper (baselines/sources/p2rec.md)"
 
 
 @dataclass
-class P2RecParams:
-    """Hyperparameters; see the module docstring for each default's source."""
+class P2RecParams(TrainFields, LLMFields):
+    """The paper's values where the notes reach them; each other value says why it was chosen."""
 
     # latent categories
-    pretrained: str = "sasrec"  # registered method with item_embeddings(); fitted via ctx.method_loader
-    n_clusters: int = 32  # K (paper: not found)
-    kmeans_restarts: int = 4
-    kmeans_iters: int = 100
-    target_items: str = "all"  # "all" training items (paper) | "shown" (only the prompt's items)
+    pretrained: str = hp("sasrec", source=f"{NOTES} [S3, S4] a pre-trained sequential model; here the strongest "
+                                           "SASRec recipe (sasrec)")
+    n_clusters: int = hp(32, ge=2, source=f"{NOT_FOUND}; 32")
+    kmeans_restarts: int = hp(4, ge=1, source=f"{NOT_FOUND}; 4 k-means++ restarts")
+    kmeans_iters: int = hp(100, ge=1, source=f"{NOT_FOUND}; 100")
+    target_items: str = hp("all", choices=TARGET_ITEMS, source=f"{NOTES} [S3, S4] normalised interaction frequency")
     # user-level SFT
-    llm: str | None = None  # None: --llm (ctx.llm), else the bundled SmolLM2-135M-Instruct
-    dtype: str = "auto"  # bf16 on CUDA, fp32 on CPU
-    item_repr: str = "text"  # "text" (catalog text) | "id" ("Item <internal id>", as the paper gives ids)
-    item_text: str = "title_year"
-    prompt: str = "movie"  # key of TEMPLATES
-    history_len: str = "auto"  # items in the prompt: auto = 20 on CPU, 50 on CUDA
-    pooling: str = "mean"  # "mean" | "last"
-    head_norm: str = "l2"  # "l2": unit-normalise the pooled state before the linear head | "none"
-    loss: str = "mse"  # "mse" (paper) | "kl"
-    lora: bool = True
-    lora_r: int = 8
-    lora_alpha: int = 16
-    lora_dropout: float = 0.05
-    lr: float | None = None  # None: 3e-4 with LoRA, 3e-5 full fine-tuning
-    epochs: str = "auto"  # auto = 1 on CPU, 3 on CUDA
-    batch_size: int = 8
-    grad_accum: int = 1
-    max_steps: int | None = None
-    max_users: str = "auto"  # fine-tuning users: auto = 256 on CPU, all on CUDA; "all" or a number
-    valid_users: str = "auto"  # held-out users for validation: auto = 32 on CPU, 256 on CUDA; 0 = none
-    early_stopping: str = "mse"  # "mse" (minus held-out MSE) | "none"
-    eval_every: int = 0  # optimizer steps between validations; 0 = once per epoch
-    patience: int = 3
+    llm: str | None = hp(None, none=BUNDLED_LLM, reference="not stated (an open LLM)",
+                         why="the bundled SmolLM2-135M-Instruct unless --llm names another", source=NOTES)
+    precision: str = hp("bf16", choices=PRECISIONS, source=f"{NOT_FOUND}; bf16 as every LLM recipe here")
+    item_repr: str = hp("text", choices=ITEM_REPRS, source=f"{NOTES} [S4] items by ID; text: catalog titles")
+    item_text: str = hp("title_year", choices=ITEM_TEXT_STYLES, source="MovieLens titles with the year")
+    prompt: str = hp("movie", choices=tuple(TEMPLATES), source=f"{NOT_FOUND}; a short plain prompt (only pooled "
+                                                             "states are used)")
+    history_len: int = hp(50, ge=1, source=f"{NOT_FOUND}; 50")
+    pooling: str = hp("mean", choices=POOLINGS, source=f"{NOT_FOUND}; mean over the prompt's tokens")
+    head_norm: str = hp("l2", choices=HEAD_NORMS, source="harness choice: SmolLM2's pooled states have norm ~35 "
+                                                         "(see the module docstring)")
+    loss: str = hp("mse", choices=LOSSES, source=f"{NOTES} [S4] MSE reconstruction of the distribution")
+    lora: bool = hp(True, source=f"{NOT_FOUND}; LoRA, as the paper stresses a practice-friendly cost")
+    lora_r: int = hp(8, ge=1, source=f"{NOT_FOUND}; BIGRec's r=8")
+    lora_alpha: int = hp(16, ge=1, source=f"{NOT_FOUND}; BIGRec's alpha=16")
+    lora_dropout: float = hp(0.05, ge=0, lt=1, source=f"{NOT_FOUND}; BIGRec's 0.05")
+    lora_targets: str = hp("q_proj,k_proj,v_proj,o_proj", source=f"{NOT_FOUND}; every attention projection")
+    lr: float = hp(3e-4, gt=0, source=f"{NOT_FOUND}; the common LoRA rate")
+    weight_decay: float = hp(0.0, ge=0, source=NOT_FOUND)
+    max_grad_norm: float = hp(1.0, ge=0, source=NOT_FOUND)
+    warmup_steps: int = hp(0, ge=0, source=NOT_FOUND)
+    epochs: int = hp(3, ge=1, source=f"{NOT_FOUND}; 3")
+    batch_size: int = hp(8, ge=1, source=NOT_FOUND)
+    grad_accum: int = hp(1, ge=1, source=NOT_FOUND)
+    max_users: int | None = hp(None, ge=1, none="all", source=f"{NOTES} [S1] one example per user, every user")
+    max_train_examples: int | None = hp(None, ge=1, none="all", role="harness")  # unused: max_users caps examples
+    valid_users: int = hp(256, ge=0, source=f"{NOT_FOUND}; 256 held-out users (0: none)")
+    early_stopping: str = hp("mse", choices=("mse", "none"), source=f"{NOT_FOUND}; held-out MSE")
+    eval_every: int = hp(0, ge=0, source=NOT_FOUND)
+    patience: int = hp(3, ge=1, source=NOT_FOUND)
     # enhanced item embeddings
-    prefix_cache: bool = True  # run the item prompts' shared prefix once (same result, faster)
-    embed_batch_size: int = 64
-    projection: str = "pca"  # "pca" | "random" | "head"
-    init: str = "replace"  # "replace" the downstream item table | "add" to a random one
-    init_std: float = 0.0  # std of the projected table; 0 = xavier-normal std of [n_items+1, width]
+    prefix_cache: bool = hp(True, role="harness")  # run the item prompts' shared prefix once (same result, faster)
+    embed_batch_size: int = hp(64, ge=1, role="harness")
+    projection: str = hp("pca", choices=PROJECTIONS, source=f"{NOT_FOUND}; PCA to the downstream width")
+    init: str = hp("replace", choices=INITS, source=f"{NOT_FOUND}; replace the downstream item table")
+    init_std: float = hp(0.0, ge=0, source="0 = the std of the downstream model's own initial table")
     # downstream model
-    downstream: str = "sasrec"  # registered method with set_initial_item_embeddings
-    num_threads: int = 0  # torch CPU threads during fit/rank (restored after); 0 leaves torch's setting
+    downstream: str = hp("sasrec", source=f"{NOTES} [S1] 'help train various future SRS models'; SASRec+")
 
-    def __post_init__(self) -> None:
-        checks = [
-            ("loss", self.loss, LOSSES),
-            ("projection", self.projection, PROJECTIONS),
-            ("init", self.init, INITS),
-            ("item_repr", self.item_repr, ITEM_REPRS),
-            ("item_text", self.item_text, ITEM_TEXT_STYLES),
-            ("target_items", self.target_items, TARGET_ITEMS),
-            ("pooling", self.pooling, POOLINGS),
-            ("head_norm", self.head_norm, HEAD_NORMS),
-            ("early_stopping", self.early_stopping, ("mse", "none")),
-            ("prompt", self.prompt, tuple(TEMPLATES)),
-        ]
-        for name, value, allowed in checks:
-            if value not in allowed:
-                raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
-        if self.n_clusters < 2:
-            raise ValueError(f"n_clusters must be at least 2, got {self.n_clusters}")
-        if self.kmeans_restarts < 1 or self.kmeans_iters < 1:
-            raise ValueError("kmeans_restarts and kmeans_iters must be at least 1")
-        if self.batch_size < 1 or self.grad_accum < 1 or self.embed_batch_size < 1:
-            raise ValueError("batch_size, grad_accum and embed_batch_size must be at least 1")
-        if self.init_std < 0:
-            raise ValueError("init_std must be >= 0 (0 = auto)")
 
-    def resolved(self, device: torch.device) -> dict[str, int | None]:
-        gpu = device.type == "cuda"
-        return {
-            "history_len": _auto(self.history_len, "history_len", 50 if gpu else 20),
-            "epochs": _auto(self.epochs, "epochs", 3 if gpu else 1),
-            "max_users": _auto(self.max_users, "max_users", None if gpu else 256, allow_all=True),
-            "valid_users": _auto(self.valid_users, "valid_users", 256 if gpu else 32, minimum=0),
-        }
+CPU_BUDGET = Budget(
+    reason="a 2-core CPU fine-tunes the LLM on every user for 3 epochs in hours; 256 users, one epoch and 20 "
+           "history items keep the LLM stage within minutes beside SASRec",
+    changes={"max_users": 256, "epochs": 1, "history_len": 20, "valid_users": 32},
+)
 
 
 # -- pieces (module-level so tests can check them on their own) -----------------------------------
@@ -249,12 +235,6 @@ def common_prefix_len(ids: Sequence[Sequence[int]]) -> int:
     return n
 
 
-def _autocast(device: torch.device):
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return torch.autocast("cpu", enabled=False)
-
-
 @torch.inference_mode()
 def embed_shared_prefix(
     model: Any,
@@ -288,7 +268,7 @@ def embed_shared_prefix(
     device = next(model.parameters()).device
     body = decoder_body(model)
     prefix = torch.as_tensor([list(ids[0][:prefix_len])], dtype=torch.long, device=device)
-    with _autocast(device):
+    with contextlib.nullcontext():  # the caller's precision context applies
         out = body(input_ids=prefix, attention_mask=torch.ones_like(prefix), use_cache=True)
     cache = out.past_key_values
     prefix_sum = out.last_hidden_state[0].float().sum(0)  # [d]
@@ -302,7 +282,7 @@ def embed_shared_prefix(
         positions = prefix_len + (mask.cumsum(1) - 1).clamp(min=0)
         past = copy.deepcopy(cache)
         past.batch_repeat_interleave(len(rows))
-        with _autocast(device):
+        with contextlib.nullcontext():
             o = body(input_ids=batch["input_ids"], attention_mask=full_mask, position_ids=positions,
                      past_key_values=past, use_cache=True)
         hidden = o.last_hidden_state.float()
@@ -428,6 +408,9 @@ class P2Rec(Method):
 
     Params = P2RecParams
     uses_llm = True
+    RECIPE_VERSION: ClassVar[int] = 2
+    REFERENCE: ClassVar[str] = "Liu et al. 2024 (arXiv 2406.00333); no public code, notes in baselines/sources/p2rec.md"
+    BUDGETS: ClassVar[dict[str, Budget]] = {"cpu": CPU_BUDGET}
 
     @classmethod
     def check_params(cls, params: P2RecParams) -> None:
@@ -521,7 +504,7 @@ class P2Rec(Method):
         was_training = model.training
         model.eval()
         total = 0.0
-        with torch.no_grad(), _autocast(device):
+        with torch.no_grad(), autocast(device, p.precision):
             for start in range(0, len(examples), p.batch_size):
                 batch = collate_examples(examples[start : start + p.batch_size], self.llm.pad_id, device)
                 pred = predicted_distribution(head_predictions(model, head, batch, p.pooling, p.head_norm), p.loss)
@@ -529,14 +512,9 @@ class P2Rec(Method):
         model.train(was_training)
         return total / max(len(examples), 1)
 
-    def _train_config(self, device: torch.device, epochs: int) -> TrainConfig:
+    def _train_config(self) -> TrainConfig:
         p = self.params
-        return TrainConfig(
-            lr=p.lr, epochs=epochs, batch_size=p.batch_size, grad_accum=p.grad_accum, max_steps=p.max_steps,
-            eval_every=p.eval_every, patience=p.patience if p.early_stopping != "none" else 0, seed=self.ctx.seed,
-            lora=p.lora, lora_r=p.lora_r, lora_alpha=p.lora_alpha, lora_dropout=p.lora_dropout,
-            progress=self.ctx.progress,
-        )
+        return p.train_config(seed=self.ctx.seed, precision=p.precision, progress=self.ctx.progress)
 
     @staticmethod
     def _single_validation(config: TrainConfig, n_examples: int) -> bool:
@@ -581,20 +559,19 @@ class P2Rec(Method):
 
         # stage 1 -------------------------------------------------------------------------------
         device = resolve_device(self.ctx.device or "auto")
-        auto = p.resolved(device)
         t0 = time.perf_counter()
-        self.llm: LLM | None = load_llm(p.llm or self.ctx.llm, dtype=p.dtype, device=device)
+        self.llm: LLM | None = load_llm(p.llm or self.ctx.llm, dtype=weight_dtype(p.precision), device=device)
         notes["llm"] = self.llm.name
         notes["llm_load_seconds"] = round(time.perf_counter() - t0, 2)
         self.template = TEMPLATES[p.prompt]
         self.texts = self._texts(data)
-        history_len = int(auto["history_len"])
-        self.train_users, self.valid_users = self._split_users(data, auto["max_users"], int(auto["valid_users"]))
+        history_len = int(p.history_len)
+        self.train_users, self.valid_users = self._split_users(data, p.max_users, int(p.valid_users))
         examples = self._encode(data, self.train_users, history_len, k)
         valid_examples = self._encode(data, self.valid_users, history_len, k)
         self.targets = np.stack([t for _, t in examples])
 
-        config = self._train_config(self.llm.device, int(auto["epochs"]))
+        config = self._train_config()
         mean_g = self.targets.mean(0)
         head = nn.Linear(self.llm.model.config.hidden_size, k).to(self.llm.device, torch.float32)
         with torch.no_grad():
@@ -626,7 +603,7 @@ class P2Rec(Method):
         weights_fp = _weights_hash(trainable_state(model))
         self.head = head.cpu()
         del model.p2rec_head
-        self.llm.model = merge_for_inference(model)
+        self.llm.model = merge_for_inference(model, p.precision)
         del model
         notes.update({
             "train_users": int(len(examples)),
@@ -634,7 +611,7 @@ class P2Rec(Method):
             "instance_level_examples": int(sum(max(len(data.train[u]) - 1, 0) for u in range(data.n_users))),
             "valid_users": int(len(valid_examples)),
             "history_len": history_len,
-            "epochs": int(auto["epochs"]),
+            "epochs": int(p.epochs),
             "train_tokens_per_epoch": int(sum(len(ids) for ids, _ in examples)),
             "tokens_processed": int(result.tokens),
             "steps": result.steps,
@@ -658,10 +635,11 @@ class P2Rec(Method):
 
         def compute() -> torch.Tensor:
             if p.prefix_cache:
-                emb, prefix_len["n"] = embed_shared_prefix(
-                    self.llm.model, item_prompts, pad_id=self.llm.pad_id, pooling=p.pooling,
-                    batch_size=p.embed_batch_size, progress=self.ctx.progress,
-                )
+                with autocast(self.llm.device, p.precision):
+                    emb, prefix_len["n"] = embed_shared_prefix(
+                        self.llm.model, item_prompts, pad_id=self.llm.pad_id, pooling=p.pooling,
+                        batch_size=p.embed_batch_size, progress=self.ctx.progress,
+                    )
                 return emb
             return embed_batches(self.llm.model, item_prompts, pad_id=self.llm.pad_id, pooling=p.pooling,
                                  batch_size=p.embed_batch_size, progress=self.ctx.progress, desc="p2rec items")

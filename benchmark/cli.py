@@ -61,6 +61,27 @@ def cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_recipes(args: argparse.Namespace) -> int:
+    from benchmark.recipes import recipe_rows, render_markdown
+    from benchmark.registry import available_methods, builtin_methods, get_method
+
+    if args.methods:
+        classes = {name: get_method(name) for name in args.methods}
+    else:
+        classes = builtin_methods() if args.markdown else available_methods()
+    if args.markdown:
+        print(render_markdown(classes), end="")
+        return 0
+    for name, cls in classes.items():
+        budgets = ", ".join(["reference", *getattr(cls, "BUDGETS", {})])
+        print(f"{name}: recipe v{getattr(cls, 'RECIPE_VERSION', 1)}; budgets: {budgets}")
+        rows = [[r["field"], r["reference"], r["gpu"], r["cpu"], (r["source"] + (f" [departs: {r['why']}]"
+                 if r["why"] else ""))[:100]] for r in recipe_rows(cls)]
+        print(tabulate(rows, headers=["setting", "reference", "GPU", "CPU", "source"]))
+        print()
+    return 0
+
+
 def cmd_data(args: argparse.Namespace) -> int:
     if args.data_verb == "fetch":
         from benchmark.data.assets import fetch_assets
@@ -99,10 +120,12 @@ def cmd_run(args: argparse.Namespace) -> int:
         overrides = load_config_file(args.config)
     for method, values in parse_sets(args.set or []).items():
         overrides.setdefault(method, {}).update(values)
-    from benchmark.runner import resolve_method
+    from benchmark.manifest import resolve_device
+    from benchmark.runner import resolve_method, torch_device_type
 
+    device_type = torch_device_type(resolve_device(args.device))
     for name in methods:  # unknown names and bad overrides fail before any data work
-        resolve_method(name, overrides)
+        resolve_method(name, overrides, device_type=device_type, budget=args.budget, llm=args.llm)
     opts = RunOptions(
         methods=methods,
         dataset=args.dataset,
@@ -116,6 +139,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         overrides=overrides,
         llm=args.llm,
         device=args.device,
+        budget=args.budget,
         force=args.force,
         run_id=args.run_id,
         runs_dir=_runs_dir(args),
@@ -125,6 +149,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     runner = Runner(opts, split)
     print(f"run {runner.run_id}: {split.dataset} {opts.protocol_label}, {len(runner.test)} test users, "
           f"device {runner.device}", file=sys.stderr)
+    for name in methods:  # every departure from a method's reference recipe, before any work
+        print(f"  {runner.resolve(name).note()}", file=sys.stderr)
     outcomes = runner.run()
     rows = []
     for o in outcomes:
@@ -202,6 +228,11 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("list", help="methods, datasets and protocols")
     s.set_defaults(func=cmd_list)
 
+    s = sub.add_parser("recipes", help="each method's reference recipe, its sources and its budgets")
+    s.add_argument("methods", nargs="*", help="method names (default: every registered method)")
+    s.add_argument("--markdown", action="store_true", help="the table as markdown (baselines/RECIPES.md)")
+    s.set_defaults(func=cmd_recipes)
+
     s = sub.add_parser("data", help="prepare a split (stats table) or fetch packaged data files")
     dsub = s.add_subparsers(dest="data_verb", required=True)
     d = dsub.add_parser("prepare", help="load, filter and split a dataset; print its stats")
@@ -221,7 +252,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--set", action="append", metavar="METHOD.FIELD=VALUE", help="override a hyperparameter")
     s.add_argument("--config", type=Path, default=None, help="TOML file with one [method] table of hyperparameters")
     s.add_argument("--llm", default=None, help="hub id, local HF directory or .gguf file (default: bundled SmolLM2)")
-    s.add_argument("--device", default="auto", help="auto (cuda if present), cpu, cuda")
+    s.add_argument("--device", default="auto", help="auto (cuda if present), cpu, cuda, cuda:N")
+    s.add_argument("--budget", default="auto",
+                   help="auto (the device's default: cpu budgets on a CPU), reference, or a budget name; "
+                        "per method: --set LABEL.budget=NAME (see `recipes`)")
     s.add_argument("--force", action="store_true", help="recompute units even if a finished identical one exists")
     s.add_argument("--run-id", default=None, help="write into (or resume) this run id")
     s.add_argument("--publish", action="store_true", help="refresh the leaderboard of this dataset and protocol")

@@ -79,7 +79,10 @@ def _coerce(cls_name: str, field: dataclasses.Field, value: Any, hints: dict[str
     origin = typing.get_origin(hint)
     args = typing.get_args(hint)
     if origin is typing.Union or (origin is not None and str(origin) == "<class 'types.UnionType'>"):
-        if type(None) in args and (value is None or (isinstance(value, SetText) and value.strip() in _NONE_WORDS)):
+        # None, or the word the field's declaration gives None (e.g. "all" examples)
+        label = str((field.metadata.get("hp") or {}).get("none") or "").strip().lower()
+        words = set(_NONE_WORDS) | ({label} if label and " " not in label else set())
+        if type(None) in args and (value is None or (isinstance(value, str) and value.strip() in words)):
             return None
         hint = next((a for a in args if a is not type(None)), hint)
     if isinstance(value, SetText):  # typed text from --set: a str field keeps it verbatim

@@ -146,7 +146,8 @@ def ground_l2(
     for start in range(0, users, batch_size):
         g = gen[start : start + batch_size]
         b = g.shape[0]
-        dist = torch.cdist(g.reshape(b * beams, -1), items).reshape(b, beams, n_items)
+        with torch.autocast(g.device.type, enabled=False):  # distances that rank stay fp32
+            dist = torch.cdist(g.reshape(b * beams, -1), items).reshape(b, beams, n_items)
         ex_sets = [_exclude_set(exclude, start + i) for i in range(b)]
         if merge == "min":
             dist = dist.min(dim=1, keepdim=True).values

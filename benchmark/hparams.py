@@ -41,14 +41,28 @@ def hp(
     choices: Iterable[Any] | None = None,
     role: str = "train",
     source: str | None = None,
+    reference: Any = _MISSING,
+    why: str | None = None,
     finite: bool = True,
+    none: str | None = None,
     default_factory: Any = _MISSING,
 ) -> Any:
-    """A dataclass field with bounds (ge/gt/le/lt), allowed `choices`, a `role` and a `source`."""
+    """A dataclass field with bounds (ge/gt/le/lt), allowed `choices`, a `role` and a `source`.
+
+    `source` cites where the reference value comes from (file and line, or paper section).
+    When this harness cannot use the reference value at all (a component it does not
+    implement), give that value as `reference=` and the reason as `why=`: the default then
+    departs from the recipe on every device, and every run names that departure.
+    `none` is how a None value reads in recipe tables and departures (e.g. "all").
+    """
     if role not in ROLES:
         raise ValueError(f"role must be one of {ROLES}, got {role!r}")
+    if (reference is not _MISSING) != (why is not None):
+        raise ValueError("hp(): give `reference=` and `why=` together")
     meta = {"ge": ge, "gt": gt, "le": le, "lt": lt, "role": role, "source": source, "finite": finite,
-            "choices": None if choices is None else tuple(choices)}
+            "choices": None if choices is None else tuple(choices), "why": why, "none": none}
+    if reference is not _MISSING:
+        meta["reference"] = reference
     if default_factory is not _MISSING:
         return dataclasses.field(default_factory=default_factory, metadata={"hp": meta})
     return dataclasses.field(default=default, metadata={"hp": meta})
@@ -74,6 +88,19 @@ def fields_with_role(params: Any, *roles: str) -> list[str]:
 def sources(params_cls: type) -> dict[str, str]:
     """Field -> the source of its default value, for the fields that declare one."""
     return {f.name: field_meta(f)["source"] for f in dataclasses.fields(params_cls) if field_meta(f).get("source")}
+
+
+def reference_value(params_cls: type, name: str) -> Any:
+    """The recipe's own value of a field: `reference=` if declared, else the default."""
+    for f in dataclasses.fields(params_cls):
+        if f.name == name:
+            meta = field_meta(f)
+            if "reference" in meta:
+                return meta["reference"]
+            if f.default is not _MISSING:
+                return f.default
+            return f.default_factory()  # type: ignore[misc]
+    raise KeyError(name)
 
 
 def _bound_text(meta: dict[str, Any]) -> str:

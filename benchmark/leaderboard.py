@@ -89,6 +89,8 @@ def unit_note(metrics: dict) -> str:
     rate and the first stage's own NDCG@10 on the same users."""
     info = metrics.get("info") or {}
     parts = []
+    if info.get("recipe_note"):
+        parts.append(str(info["recipe_note"]))
     if info.get("leaderboard_note"):
         parts.append(str(info["leaderboard_note"]))
     two = metrics.get("two_stage")

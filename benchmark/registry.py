@@ -115,6 +115,11 @@ def available_methods() -> dict[str, type]:
     return dict(sorted(_REGISTRY.items()))
 
 
+def builtin_methods() -> dict[str, type]:
+    """The methods this repository ships (baselines/), by name."""
+    return {name: cls for name, cls in available_methods().items() if cls.__module__.startswith("baselines.")}
+
+
 def get_method(name: str) -> type:
     """Resolve a method name, an entry point, or `package.module:Class`."""
     if ":" in name:

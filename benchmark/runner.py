@@ -16,9 +16,10 @@ from typing import Any
 import numpy as np
 
 from benchmark.candidates import build_candidates, parse_protocol, target_in_candidates
-from benchmark.config import params_dict, resolve_params
+from benchmark.config import params_dict
 from benchmark.errors import ConfigError, MethodError
 from benchmark.manifest import manifest, peak_memory_mb, resolve_device
+from benchmark.recipes import Resolved, resolve_recipe
 from benchmark.registry import RunContext, get_method
 from benchmark.scoring.metrics import coverage, per_user_metrics
 from benchmark.store import RunStore, UnitFiles, unit_key
@@ -42,6 +43,7 @@ class RunOptions:
     overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
     llm: str | None = None
     device: str = "auto"
+    budget: str = "auto"  # "auto" (the device's default budget), "reference", or a budget name
     force: bool = False
     run_id: str | None = None
     runs_dir: Path = Path("runs")
@@ -61,6 +63,11 @@ class UnitOutcome:
     path: Path
     metrics: dict
     reused: bool
+
+
+def torch_device_type(device: str) -> str:
+    """"cuda:1" -> "cuda": the kind of device, which shapes results; the index does not."""
+    return str(device).split(":", 1)[0]
 
 
 def subsample_users(evalset: EvalSet, n: int | None) -> EvalSet:
@@ -89,16 +96,36 @@ def check_ranking(ranked: RankedLists, request: RankRequest, n_items: int, label
         raise MethodError(f"method {label} returned item ids outside the catalog (0..{n_items - 1})")
     cands = request.candidates
     for row in range(len(items)):
-        got = items[row][items[row] != PAD]
+        real = items[row] != PAD
+        user = int(request.users[row])
+        if real.any() and not real[: int(real.sum())].all():
+            raise MethodError(f"method {label} left an empty (PAD) position before a ranked item for user {user}; "
+                              "a list must hold its items first, best first")
+        got = items[row][real]
         if len(np.unique(got)) != len(got):
-            raise MethodError(f"method {label} ranked an item twice for user {int(request.users[row])}")
+            raise MethodError(f"method {label} ranked an item twice for user {user}")
         if cands.exclude_seen and np.isin(got, request.histories[row]).any():
-            raise MethodError(f"method {label} ranked an already seen item for user {int(request.users[row])}")
+            raise MethodError(f"method {label} ranked an already seen item for user {user}")
         if cands.items is not None and not np.isin(got, cands.items[row]).all():
             raise MethodError(f"method {label} ranked an item outside the {cands.protocol} candidates")
+        if len(got) < request.k and len(got) < allowed_count(request, row, n_items):
+            raise MethodError(
+                f"method {label} ranked {len(got)} items for user {user}, fewer than k={request.k} although "
+                f"{allowed_count(request, row, n_items)} candidates were allowed; return k items (or fill them)")
     scores = None if ranked.scores is None else np.asarray(ranked.scores, dtype=np.float64)[rows]
+    if scores is not None and np.isnan(scores[items != PAD]).any():
+        raise MethodError(f"method {label} returned NaN scores for ranked items; its model diverged or is broken")
     extras = {name: np.asarray(v)[rows] for name, v in ranked.extras.items()}
     return RankedLists(request.users.copy(), items, scores, extras, dict(ranked.info), ranked.first_stage)
+
+
+def allowed_count(request: RankRequest, row: int, n_items: int) -> int:
+    """How many items the candidate set lets this user's list hold."""
+    cands = request.candidates
+    pool = np.arange(n_items) if cands.items is None else np.unique(cands.items[row][cands.items[row] != PAD])
+    if cands.exclude_seen:
+        pool = np.setdiff1d(pool, request.histories[row])
+    return int(len(pool))
 
 
 def _cached_train_seconds(notes: dict[str, Any]) -> float | None:
@@ -109,8 +136,16 @@ def _cached_train_seconds(notes: dict[str, Any]) -> float | None:
     return None
 
 
-def resolve_method(name: str, overrides: dict[str, dict[str, Any]]) -> tuple[type, str, Any]:
-    """The method class, its label and its resolved hyperparameters (raises on bad input).
+def resolve_method(
+    name: str,
+    overrides: dict[str, dict[str, Any]],
+    *,
+    device_type: str = "cpu",
+    budget: str = "auto",
+    llm: str | None = None,
+) -> Resolved:
+    """The method class, its label, its resolved hyperparameters and its departures from the
+    recipe (raises on bad input). See `benchmark.recipes` for the layering.
 
     `LABEL=METHOD` runs METHOD under its own label, so one method can appear twice with
     different settings (`--methods calrec,calrec_dense=calrec --set calrec_dense.inference=dense`);
@@ -125,11 +160,12 @@ def resolve_method(name: str, overrides: dict[str, dict[str, Any]]) -> tuple[typ
     else:
         cls = get_method(name)
         label = cls.name if ":" in name else name
-    params = resolve_params(label, cls.Params, overrides)
+    llm = llm if getattr(cls, "uses_llm", False) else None
+    resolved = resolve_recipe(cls, label, overrides, device_type=device_type, budget=budget, llm=llm)
     check = getattr(cls, "check_params", None)
     if callable(check):
-        check(params)
-    return cls, label, params
+        check(resolved.params)
+    return resolved
 
 
 def two_stage_report(
@@ -230,10 +266,11 @@ class Runner:
         A method already fitted in this run (e.g. `--methods sasrec,llamarec`) is shared, so
         a two-stage method's first stage is the very model that was scored on its own.
         """
-        cls, label, params = self.resolve(name)
+        resolved = self.resolve(name)
+        cls, params = resolved.cls, resolved.params
         if getattr(cls, "uses_llm", False):
             raise ConfigError(f"{name} is an LLM method; only classic methods can serve as a first stage")
-        key = unit_key(self._key_payload(cls, label, params, seed))
+        key = unit_key(self._key_payload(resolved, seed))
         if key not in self._fitted:
             ctx = self._context(seed, key)
             method = cls(params, ctx)
@@ -256,11 +293,17 @@ class Runner:
             cache_dir=None if self.opts.force else self.store.cache_dir,
         )
 
-    def _key_payload(self, cls: type, label: str, params: Any, seed: int) -> dict[str, Any]:
+    def _key_payload(self, resolved: Resolved, seed: int) -> dict[str, Any]:
+        """Everything that shapes a unit's result: the resolved settings (not "auto"), the recipe
+        version and budget, and the device kind, so a GPU run never reuses a CPU-budget unit."""
+        cls = resolved.cls
         return {
-            "method": label,
+            "method": resolved.label,
             "class": f"{cls.__module__}.{cls.__qualname__}",
-            "params": params_dict(params),
+            "params": params_dict(resolved.params),
+            "recipe_version": resolved.version,
+            "budget": resolved.budget,
+            "device": torch_device_type(self.device),
             "llm": self.opts.llm if getattr(cls, "uses_llm", False) else None,
             "seed": seed,
             "split": self.split.fingerprint,
@@ -276,12 +319,14 @@ class Runner:
         return {name: float(values.mean()) for name, values in metrics.items()}
 
     # -- one unit ------------------------------------------------------------------------
-    def resolve(self, name: str) -> tuple[type, str, Any]:
-        return resolve_method(name, self.opts.overrides)
+    def resolve(self, name: str) -> Resolved:
+        return resolve_method(name, self.opts.overrides, device_type=torch_device_type(self.device),
+                              budget=self.opts.budget, llm=self.opts.llm)
 
     def run_unit(self, name: str, seed: int) -> UnitOutcome:
-        cls, label, params = self.resolve(name)
-        key_payload = self._key_payload(cls, label, params, seed)
+        resolved = self.resolve(name)
+        cls, label, params = resolved.cls, resolved.label, resolved.params
+        key_payload = self._key_payload(resolved, seed)
         key = unit_key(key_payload)
         if not self.opts.force:
             done = self.store.find_finished(key)
@@ -302,11 +347,16 @@ class Runner:
                 self._fit_seconds[key] = train_s
         request = RankRequest(self.test.users, self.test.histories, self.test_candidates, self.opts.k, stage="test")
         t1 = time.perf_counter()
-        ranked = check_ranking(method.rank(request), request, self.split.n_items, label)
+        try:
+            ranked = method.rank(request)
+        except MethodError as exc:
+            raise MethodError(f"method {label}: {exc}") from exc
+        ranked = check_ranking(ranked, request, self.split.n_items, label)
         eval_s = time.perf_counter() - t1
-        return self._write(label, seed, key, key_payload, params, ranked, train_s, eval_s, ctx)
+        return self._write(resolved, seed, key, key_payload, ranked, train_s, eval_s, ctx)
 
-    def _write(self, label, seed, key, key_payload, params, ranked, train_s, eval_s, ctx) -> UnitOutcome:
+    def _write(self, resolved, seed, key, key_payload, ranked, train_s, eval_s, ctx) -> UnitOutcome:
+        label, params = resolved.label, resolved.params
         targets = self.test.targets
         metrics = per_user_metrics(ranked.items, targets, CUTOFFS)
         user_ids = self.split.user_ids
@@ -351,13 +401,14 @@ class Runner:
             "peak_memory": peak_memory_mb(self.device),
             "validity": float(np.mean(ranked.extras["valid"])) if "valid" in ranked.extras else None,
             "two_stage": two_stage,
-            "info": {**ranked.info, **ctx.notes},
+            "info": {**ranked.info, **ctx.notes, "recipe_note": resolved.note()},
         }
         config = {
             "key": key,
             "label": label,
             "method": key_payload["class"],
             "params": params_dict(params),
+            "recipe": resolved.to_dict(),
             "seed": seed,
             "dataset": self.split.dataset,
             "split": self.split.protocol,
@@ -376,8 +427,10 @@ class Runner:
     # -- the whole run -----------------------------------------------------------------
     def run(self) -> list[UnitOutcome]:
         opts = self.opts
+        recipes = {}
         for name in opts.methods:  # every name and override is checked before anything is written
-            self.resolve(name)
+            resolved = self.resolve(name)
+            recipes[resolved.label] = resolved.to_dict()
         meta = {
             "run_id": self.run_id,
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -399,6 +452,8 @@ class Runner:
             "methods": opts.methods,
             "seeds": opts.seeds,
             "overrides": opts.overrides,
+            "budget": opts.budget,
+            "recipes": recipes,
             "llm": opts.llm,
             "manifest": manifest(self.device),
             "status": "running",

@@ -98,6 +98,7 @@ class Split:
             catalog=self.catalog,
             train=self.train,
             valid=self.valid,
+            times=dict(self.config.get("times") or {}),
         )
 
 
@@ -113,6 +114,9 @@ class TrainData:
     catalog: Catalog
     train: list[np.ndarray]
     valid: EvalSet
+    # first/last timestamps of training interactions and test targets (split.config["times"]):
+    # a method that trains on another dataset checks it does not reach into this test period
+    times: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass

@@ -180,8 +180,9 @@ def make(model_dir: Path, work: Path, loader=None, **overrides):
     cls = get_method("calrec")
     params = resolve_params(
         "calrec", cls.Params,
-        {"calrec": {"llm": str(model_dir), "max_train_examples": 8, "batch_size": 4, "eval_batch_size": 4,
-                    "valid_users": 3, "n_samples": 3, "max_new_tokens": 6, "embed_batch_size": 4, **overrides}},
+        {"calrec": {"llm": str(model_dir), "max_train_examples": 8, "batch_size": 4, "grad_accum": 1, "epochs": 1,
+                    "warmup_steps": 0, "precision": "fp32", "valid_users": 3, "n_samples": 3, "max_new_tokens": 6,
+                    "eval_batch_size": 4, "embed_batch_size": 4, **overrides}},
     )
     ctx = RunContext(seed=0, device="cpu", work_dir=work, validate=lambda ranked: {"ndcg@10": 0.0},
                      dataset_loader=loader, progress=False)
@@ -356,7 +357,12 @@ def test_params_and_specs():
         with pytest.raises(ConfigError):
             resolve_params("calrec", cls.Params, {"calrec": bad})
     resolve_params("calrec", cls.Params, {"calrec": {"batch_size": 1, "tt_weight": 0, "ut_weight": 0}})
-    auto = CALRecParams().resolved(torch.device("cpu"))
-    assert auto == {"max_train_examples": 256, "stage1_max_examples": 256, "valid_users": 32, "n_samples": 8}
+    from benchmark.recipes import resolve_recipe
+
+    cpu = resolve_recipe(cls, "calrec", {}, device_type="cpu").params
+    gpu = resolve_recipe(cls, "calrec", {}, device_type="cuda").params
+    assert (cpu.max_train_examples, cpu.stage1_max_examples, cpu.valid_users, cpu.n_samples) == (2048, 1024, 256, 8)
+    assert (gpu.max_train_examples, gpu.stage1_max_examples, gpu.valid_users, gpu.n_samples) == (None, None, None, 16)
+    assert cpu.stage1 == gpu.stage1 == "auto" and not cpu.lora  # both stages, full fine-tuning (the paper)
     with pytest.raises(ConfigError, match="calrec.n_samples"):
-        CALRecParams(n_samples="many").resolved(torch.device("cpu"))
+        resolve_params("calrec", cls.Params, {"calrec": {"n_samples": "many"}})

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from baselines.cft import CFT, CFTParams, cft_loss, pack_batch, token_weights
 from benchmark.llm.loading import tiny_llm
 from benchmark.llm.prompts import IGNORE, encode_examples, get_template
+from benchmark.types import PAD
 from benchmark.llm.training import example_loss, collate
 
 TITLES = ["Toy Story (1995)", "Heat (1995)", "Fargo (1996)", "Casino (1995)", "Se7en (1995)", "Babe (1995)"]
@@ -146,10 +147,13 @@ def test_detach_stops_gradients_through_the_counterfactual_branch(llm):
 
 
 def test_params_validate():
-    with pytest.raises(ValueError):
-        CFTParams(weighting="exp")
-    with pytest.raises(ValueError):
-        CFTParams(beta=2.0)
+    from benchmark.config import resolve_params
+    from benchmark.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="weighting"):
+        resolve_params("cft", CFTParams, {"cft": {"weighting": "exp"}})
+    with pytest.raises(ConfigError, match="beta"):
+        resolve_params("cft", CFTParams, {"cft": {"beta": 2.0}})
     assert CFT.Params is CFTParams and CFT.uses_llm
 
 
@@ -175,15 +179,21 @@ def test_cft_fit_rank_end_to_end_trains_with_the_counterfactual_loss(tmp_path, m
     monkeypatch.setattr(cft_mod, "cft_loss", spy)
     cls = get_method("cft")
     params = resolve_params("cft", cls.Params, {"cft": {
-        "llm": str(model_dir), "max_train_examples": 8, "epochs": 1, "batch_size": 4, "num_beams": 4,
-        "eval_batch_size": 4, "valid_users": 3, "alpha": 0.5}})
+        "llm": str(model_dir), "max_train_examples": 8, "epochs": 1, "batch_size": 4, "grad_accum": 1,
+        "warmup_steps": 0, "max_new_tokens": 8, "eval_batch_size": 4, "valid_users": 3, "alpha": 0.5,
+        "precision": "fp32"}})
+    assert (params.grounding, params.l2_merge, params.embed_model, params.num_beams) == ("l2", "round_robin",
+                                                                                        "tuned", 5)
     ctx = RunContext(seed=0, device="cpu", work_dir=tmp_path / "work", validate=lambda r: {"ndcg@10": 0.0},
                      progress=False)
     method = cls(params, ctx)
     data = tiny_data()
     method.fit(data)
     assert len(calls) == 2 and calls[0] == {"alpha": 0.5, "detach": False}  # 8 examples / batch 4
-    request = request_for(data, k=3)
+    # the reference's grounding: 5 beams, each ranking the whole catalog by L2, merged round-robin;
+    # every user has 4 unseen items, so K=4 distinct unseen items come back for everyone
+    request = request_for(data, k=4)
     ranked = method.rank(request)
     check_rows(ranked, request, data.n_items)
-    assert ranked.info["grounding"] == "trie" and (ranked.extras["valid"] == 1).all()
+    assert (ranked.items != PAD).all() and ranked.info["filled_positions"] == 0
+    assert ranked.info["grounding"] == "l2" and "round_robin over 5 beams" in ranked.info["leaderboard_note"]

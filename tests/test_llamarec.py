@@ -103,7 +103,7 @@ def test_verbalizer_scores_equal_the_full_forward_and_ignore_padding(tiny):
 def _fake_scorer(values: dict[str, float]):
     """A stand-in for the LLM: each letter scores the value of the title listed under it."""
 
-    def score(model, prompts, token_ids, *, pad_id, batch_size=8, progress=False):
+    def score(model, prompts, token_ids, *, pad_id, batch_size=8, progress=False, precision="fp32"):
         out = []
         for prompt, ids in zip(prompts, token_ids):
             text = _TOKENIZER.decode(prompt)
@@ -223,12 +223,20 @@ def test_validation_reranks_only_users_whose_target_was_retrieved(model_dir, tmp
     assert method.ctx.notes["llamarec"]["best_valid_ndcg@10"] == 0.5
 
 
-def test_auto_params_resolve_by_device_and_name_the_method_in_errors():
-    p = llamarec_module.LlamaRecParams()
-    cpu, gpu = p.resolved(torch.device("cpu")), p.resolved(torch.device("cuda"))
-    assert (cpu["max_train_examples"], cpu["history_len"], cpu["eval_every"]) == (128, 10, 0)
-    assert (gpu["max_train_examples"], gpu["history_len"], gpu["eval_every"]) == (None, 20, 200)
+def test_budgets_resolve_by_device_and_name_the_method_in_errors():
+    from benchmark.config import resolve_params
+    from benchmark.recipes import resolve_recipe
+
+    cls = llamarec_module.LlamaRec
+    cpu = resolve_recipe(cls, "llamarec", {}, device_type="cpu")
+    gpu = resolve_recipe(cls, "llamarec", {}, device_type="cuda")
+    assert (cpu.params.max_train_examples, cpu.params.history_len, cpu.params.eval_every) == (1024, 20, 100)
+    assert (gpu.params.max_train_examples, gpu.params.history_len, gpu.params.eval_every) == (None, 20, 100)
+    assert (gpu.params.batch_size, gpu.params.warmup_steps, gpu.params.patience) == (16, 100, 20)
+    assert cpu.budget == "cpu" and gpu.budget == "reference"
+    # the retriever and 4-bit loading depart on every device, and say so
+    assert {d.field for d in gpu.departures} >= {"retriever", "quantize", "llm"}
     with pytest.raises(ConfigError, match=r"llamarec\.max_train_examples='x'"):
-        llamarec_module.LlamaRecParams(max_train_examples="x").resolved(torch.device("cpu"))
-    with pytest.raises(ValueError, match="test_order"):
-        llamarec_module.LlamaRecParams(test_order="random")
+        resolve_params("llamarec", cls.Params, {"llamarec": {"max_train_examples": "x"}})
+    with pytest.raises(ConfigError, match="test_order"):
+        resolve_params("llamarec", cls.Params, {"llamarec": {"test_order": "random"}})

@@ -276,7 +276,7 @@ def test_bad_configs_raise_clear_config_errors(model_dir, tmp_path, split, pretr
         with pytest.raises(ConfigError):
             resolve_params("p2rec", p2rec.P2RecParams, {"p2rec": bad})
     with pytest.raises(ConfigError, match="max_users"):
-        p2rec.P2RecParams(max_users="lots").resolved(torch.device("cpu"))
+        resolve_params("p2rec", p2rec.P2RecParams, {"p2rec": {"max_users": "lots"}})
     with pytest.raises(ConfigError, match="before fit"):
         make(model_dir, tmp_path, pretrained).rank(
             RankRequest(np.array([0]), [np.array([1])], CandidateSet("full", np.array([0])), 5)
@@ -286,10 +286,12 @@ def test_bad_configs_raise_clear_config_errors(model_dir, tmp_path, split, pretr
 def test_registered_with_device_defaults():
     cls = get_method("p2rec")
     assert cls is p2rec.P2Rec and cls.uses_llm
-    cpu = cls.Params().resolved(torch.device("cpu"))
-    gpu = cls.Params().resolved(torch.device("cuda"))
-    assert cpu == {"history_len": 20, "epochs": 1, "max_users": 256, "valid_users": 32}
-    assert gpu == {"history_len": 50, "epochs": 3, "max_users": None, "valid_users": 256}
+    from benchmark.recipes import resolve_recipe
+
+    cpu = resolve_recipe(cls, "p2rec", {}, device_type="cpu").params
+    gpu = resolve_recipe(cls, "p2rec", {}, device_type="cuda").params
+    assert (cpu.history_len, cpu.epochs, cpu.max_users, cpu.valid_users) == (20, 1, 256, 32)
+    assert (gpu.history_len, gpu.epochs, gpu.max_users, gpu.valid_users) == (50, 3, None, 256)
     assert cls.Params().n_clusters == 32 and cls.Params().loss == "mse" and cls.Params().pooling == "mean"
 
 

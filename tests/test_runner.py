@@ -169,8 +169,21 @@ def test_check_ranking_rejects_duplicates_seen_items_and_missing_users(split):
         check_ranking(RankedLists(req.users, seen), req, split.n_items, "m")
     with pytest.raises(MethodError, match="ranked 2 users"):
         check_ranking(RankedLists(req.users[:2], np.stack(free)[:2]), req, split.n_items, "m")
-    short = check_ranking(RankedLists(req.users, np.stack(free)[:, :2]), req, split.n_items, "m")
-    assert (short.items[:, 2:] == PAD).all()
+    with pytest.raises(MethodError, match="fewer than k=5"):  # the catalog allows k items
+        check_ranking(RankedLists(req.users, np.stack(free)[:, :2]), req, split.n_items, "m")
+    gap = np.stack(free)
+    gap[0, 0] = PAD  # an empty position before real items would shift every item down a rank
+    with pytest.raises(MethodError, match="empty"):
+        check_ranking(RankedLists(req.users, gap), req, split.n_items, "m")
+
+
+def test_a_list_may_be_shorter_than_k_only_when_the_candidates_are(split):
+    req = _request(split)
+    allowed = [np.setdiff1d(np.arange(split.n_items), h)[:3] for h in req.histories]
+    cands = CandidateSet("sampled:3", req.users, np.stack(allowed))
+    short_req = RankRequest(req.users, req.histories, cands, k=5)
+    out = check_ranking(RankedLists(req.users, np.stack(allowed)), short_req, split.n_items, "m")
+    assert (out.items[:, 3:] == PAD).all() and (out.items[:, :3] != PAD).all()
 
 
 def test_overrides_are_typed_and_unknown_fields_listed():

@@ -192,43 +192,54 @@ def test_init_std_draws_every_weight_from_a_normal_and_zeroes_biases():
     assert abs(float(model.item_emb.weight[1:].std()) - 0.02) < 0.002
     assert abs(float(model.blocks[0].ff1.weight.std()) - 0.02) < 0.004
     assert all(float(b.ff1.bias.abs().sum()) == 0 for b in model.blocks)
-    default = sasrec.SASRecModel(500, _params(hidden=32)).requires_grad_(False)
+    default = sasrec.SASRecModel(500, _params(hidden=32, init_std=0.0)).requires_grad_(False)
     assert float(default.blocks[0].ff1.bias.abs().sum()) > 0  # torch's default Linear init
 
 
-def test_cache_key_of_default_block_is_unchanged(tmp_path, planted):
-    """Adding the `block`, `adam_beta2` and `init_std` fields kept the fingerprints of models cached before it (default block)."""
-    data, _ = planted
-    ctx = dataclasses.replace(_ctx(data), cache_dir=tmp_path)
-    default = sasrec.SASRec(_params(), ctx)._cache_path(data)
-    other = sasrec.SASRec(_params(block="pmixer"), ctx)._cache_path(data)
-    assert default != other
-    params = dataclasses.asdict(_params())
-    for key in ("block", "adam_beta2", "init_std", "positions", "batching"):
-        del params[key]
-    for key in ("num_threads", "eval_batch_size"):
-        del params[key]
-    payload = {"params": params, "seed": 0, "data": data.fingerprint, "init": None, "device": "cpu", "version": 1}
-    digest = hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:20]
-    assert default.name == f"sasrec-{digest}.pt"
-
-
-def test_sasrec_kv_preset_is_the_klenitskiy_vasilev_recipe_and_keys_apart_from_sasrec(tmp_path, planted):
-    import baselines.sasrec_kv as sasrec_kv
+def test_sasrec_defaults_are_the_klenitskiy_vasilev_recipe_and_v1_keeps_the_old_ones(tmp_path, planted):
+    from baselines.sasrec_v1 import SASRecV1, SASRecV1Params
+    from benchmark.hparams import sources
     from benchmark.registry import get_method
 
-    assert get_method("sasrec_kv") is sasrec_kv.SASRecKV
-    recipe = dict(dropout=0.1, lr=1e-3, batch_size=128, epochs=100, block="pmixer", adam_beta2=0.999,
-                  init_std=0.02, positions="start", batching="shuffle")
-    preset = sasrec_kv.SASRecKVParams()
-    assert {k: getattr(preset, k) for k in recipe} == recipe
-    assert dataclasses.asdict(preset) == dataclasses.asdict(sasrec.SASRecParams(**recipe))
+    recipe = dict(hidden=64, blocks=2, heads=1, dropout=0.1, max_len=200, lr=1e-3, batch_size=128, epochs=100,
+                  patience=10, block="pmixer", adam_beta2=0.999, init_std=0.02, positions="start",
+                  batching="shuffle", amp=False)
+    defaults = sasrec.SASRecParams()
+    assert {k: getattr(defaults, k) for k in recipe} == recipe
+    assert all(field in sources(sasrec.SASRecParams) for field in recipe)  # every value has its source
+    old = dict(dropout=0.2, lr=2e-3, batch_size=64, epochs=200, block="preln", adam_beta2=0.98, init_std=0.0,
+               positions="end", batching="bucket")
+    assert get_method("sasrec_v1") is SASRecV1
+    assert {k: getattr(SASRecV1Params(), k) for k in old} == old
     data, _ = planted
     ctx = dataclasses.replace(_ctx(data), cache_dir=tmp_path)
-    same = sasrec.SASRec(sasrec.SASRecParams(**recipe), ctx)._cache_path(data)
-    assert sasrec_kv.SASRecKV(preset, ctx)._cache_path(data) == same  # the same model: one cache entry
-    base_only = {k: recipe[k] for k in ("dropout", "lr", "batch_size", "epochs")}  # later fields at legacy values
-    assert sasrec.SASRec(sasrec.SASRecParams(**base_only), ctx)._cache_path(data) != same
+    assert sasrec.SASRec(defaults, ctx)._cache_path(data) != SASRecV1(SASRecV1Params(), ctx)._cache_path(data)
+    same = sasrec.SASRec(sasrec.SASRecParams(**old), ctx)._cache_path(data)
+    assert SASRecV1(SASRecV1Params(), ctx)._cache_path(data) == same  # the same model: one cache entry
+
+
+def test_no_target_is_predicted_from_a_padding_position(planted, monkeypatch):
+    """Rows shorter than their batch: the first item sits after padding and is never a target
+    (the reference trains on inputs seq[:-1] against labels seq[1:])."""
+    data, _ = planted
+    method = sasrec.SASRec(_params(), _ctx(data))
+    method.n_items = data.n_items
+    model = method.build_model(data.n_items)
+    batch = [np.array([3, 4, 5, 6, 7]), np.array([1, 2]), np.array([9, 10, 11])]
+    padded = torch.from_numpy(sasrec._left_pad(batch, 21))
+    inputs, targets = padded[:, :-1], padded[:, 1:]
+    assert (inputs[1:, 0] == 0).all() and (targets[1:, 2:3] > 0).all()  # short rows start with padding
+    seen = {}
+    real_ce = torch.nn.functional.cross_entropy
+
+    def spy(logits, target, *args, **kwargs):
+        seen["targets"] = target.clone()
+        return real_ce(logits, target, *args, **kwargs)
+
+    monkeypatch.setattr(sasrec.F, "cross_entropy", spy)
+    method._loss(model, inputs, targets, np.random.default_rng(0))
+    expected = sorted(int(x) for row in batch for x in row[1:])  # never a row's first item
+    assert sorted(seen["targets"].tolist()) == expected
 
 
 def test_same_seed_gives_byte_identical_rankings(planted):
@@ -340,9 +351,12 @@ def test_time_budget_stops_after_one_epoch(planted):
 
 
 def test_bad_params_and_unfitted_rank_raise(planted):
+    from benchmark.config import resolve_params
+    from benchmark.errors import ConfigError
+
     _, test = planted
-    with pytest.raises(ValueError):
-        sasrec.SASRecParams(loss="hinge")
+    with pytest.raises(ConfigError, match="loss"):
+        resolve_params("sasrec", sasrec.SASRecParams, {"sasrec": {"loss": "hinge"}})
     with pytest.raises(ValueError):
         sasrec.SASRecParams(hidden=10, heads=3)
     method = sasrec.SASRec(_params(), _ctx(planted[0]))

@@ -47,8 +47,9 @@ def make(model_dir: Path, tmp_path: Path, **overrides):
     cls = get_method("sft")
     params = resolve_params(
         "sft", cls.Params,
-        {"sft": {"llm": str(model_dir), "max_train_examples": 8, "epochs": 1, "batch_size": 4, "num_beams": 4,
-                 "eval_batch_size": 4, "valid_users": 3, **overrides}},
+        {"sft": {"llm": str(model_dir), "max_train_examples": 8, "epochs": 1, "batch_size": 4, "grad_accum": 1,
+                 "num_beams": 4, "eval_batch_size": 4, "valid_users": 3, "precision": "fp32", "grounding": "trie",
+                 "warmup_steps": 0, **overrides}},
     )
     scores = []
 
@@ -92,8 +93,8 @@ def test_sft_respects_sampled_candidates(model_dir, tmp_path):
     for row in range(6):
         real = ranked.items[row][ranked.items[row] != PAD]
         assert set(real.tolist()) <= set(cands[row][cands[row] >= 0].tolist())
-        assert len(real) == 2  # both candidates, then PAD
-    assert "PAD" in ranked.info["note"]
+        assert len(real) == 2  # both candidates, then PAD: the candidate set is shorter than k
+    assert ranked.info["filled_positions"] == 0
 
 
 def test_sft_ndcg_early_stopping_ranks_validation_users(model_dir, tmp_path):
@@ -120,7 +121,7 @@ def test_sft_free_generation_groundings(model_dir, tmp_path, grounding):
 def test_cpu_threads_are_restored():
     import torch
 
-    from baselines.sft import cpu_threads
+    from benchmark.llm.precision import cpu_threads
 
     before = torch.get_num_threads()
     with cpu_threads(1):
@@ -133,7 +134,9 @@ def test_sft_rejects_bad_params():
     with pytest.raises(ConfigError):
         resolve_params("sft", cls.Params, {"sft": {"grounding": "nearest"}})
     with pytest.raises(ConfigError):
-        cls.Params(max_train_examples="lots").resolved(__import__("torch").device("cpu"))
+        resolve_params("sft", cls.Params, {"sft": {"max_train_examples": "lots"}})
+    with pytest.raises(ConfigError, match="must be >= 1"):
+        resolve_params("sft", cls.Params, {"sft": {"num_beams": 0}})
 
 
 def test_refit_on_a_finished_checkpoint_is_marked_loaded_with_the_original_training_time(model_dir, tmp_path):

@@ -31,7 +31,8 @@ from benchmark.errors import ConfigError, DataError
 from benchmark.types import Catalog, EvalSet, RawDataset, Split
 
 PROTOCOLS = ("loo", "temporal")
-SPLIT_FORMAT = 1  # bump when preprocessing or the split rules change: old caches are ignored
+SPLIT_FORMAT = 2  # bump when preprocessing or the split rules change: old caches are ignored
+# 2: the config records the time range of training and test interactions ("times")
 TEMPORAL_QUANTILES = (0.8, 0.9)
 _EMPTY = np.zeros(0, dtype=np.int64)
 
@@ -92,6 +93,20 @@ def _temporal(prep: Prepared) -> tuple[list[np.ndarray], EvalSet, EvalSet, dict[
     return train, _eval_set(vu, vt, vh), _eval_set(tu, tt, th), {"t_valid": t1, "t_test": t2}
 
 
+def _time_range(prep: Prepared, train: list[np.ndarray], test: EvalSet) -> dict[str, int | None]:
+    """First and last timestamps of the training interactions and of the test targets (another
+    dataset used for training, e.g. CALRec's stage 1, is checked against them)."""
+    train_times = [prep.times(u)[: len(seq)] for u, seq in enumerate(train) if len(seq)]
+    test_times = np.array([prep.times(int(u))[len(h)] for u, h in zip(test.users, test.histories)], dtype=np.int64)
+    flat = np.concatenate(train_times) if train_times else _EMPTY
+
+    def edge(values: np.ndarray, fn) -> int | None:
+        return int(fn(values)) if len(values) else None
+
+    return {"train_min": edge(flat, np.min), "train_max": edge(flat, np.max),
+            "test_min": edge(test_times, np.min), "test_max": edge(test_times, np.max)}
+
+
 def split_prepared(
     prep: Prepared, protocol: str = "loo", kcore: int = 5, spec: str | None = None, source: str = ""
 ) -> Split:
@@ -101,6 +116,7 @@ def split_prepared(
     train, valid, test, extra = (_loo if protocol == "loo" else _temporal)(prep)
     if len(test) == 0:
         raise DataError(f"{prep.dataset}: the {protocol} split has no test user; use more data or lower --kcore")
+    extra["times"] = _time_range(prep, train, test)
     config: dict[str, Any] = {
         "dataset": spec or prep.dataset,
         "protocol": protocol,

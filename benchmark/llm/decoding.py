@@ -644,6 +644,7 @@ def generate_free(
     progress: bool = True,
     length_penalty: float = 1.0,
     shared_prompt: bool = True,
+    min_new_tokens: int = 0,
 ) -> list[list[list[int]]]:
     """Unconstrained beam search (BIGRec-style generation before grounding).
 
@@ -653,7 +654,8 @@ def generate_free(
     max_new_tokens are finished there. A prompt stops once it has num_beams finished
     hypotheses and its best running beam (normalised at the current length, transformers'
     default heuristic) cannot beat the worst of them. shared_prompt: as in
-    `constrained_beam_search`.
+    `constrained_beam_search`. min_new_tokens: eos is impossible before that many new
+    tokens (transformers' MinNewTokensLengthLogitsProcessor).
     """
     model.eval()
     device = _model_device(model)
@@ -662,13 +664,13 @@ def generate_free(
     batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
     for batch in tqdm(batches, desc="beam search", disable=not progress):
         out = _free_batch(model, [prompt_ids[i] for i in batch], max_new_tokens, num_beams,
-                          pad_id, eos_id, device, length_penalty, shared_prompt)
+                          pad_id, eos_id, device, length_penalty, shared_prompt, min_new_tokens)
         for i, res in zip(batch, out):
             results[int(i)] = res
     return results
 
 
-def _free_batch(model, prompts, max_new, nb, pad_id, eos_id, device, lp, shared_prompt=True):
+def _free_batch(model, prompts, max_new, nb, pad_id, eos_id, device, lp, shared_prompt=True, min_new=0):
     B = len(prompts)
     ids, pmask = _left_pad(prompts, pad_id, device)
     P = ids.shape[1]
@@ -697,6 +699,8 @@ def _free_batch(model, prompts, max_new, nb, pad_id, eos_id, device, lp, shared_
     finished: list[list[tuple[float, list[int]]]] = [[] for _ in range(B)]
     done = np.zeros(B, dtype=bool)
     for step in range(1, max_new + 1):
+        if step <= min_new:
+            logp[:, eos_id] = neg
         cand = (score[..., None] + logp.view(B, nb, V)).view(B, nb * V)
         top_s, top_i = cand.topk(2 * nb, dim=1)
         top_tok = top_i % V

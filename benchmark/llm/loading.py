@@ -311,25 +311,58 @@ def load_llm(
     dtype: str | torch.dtype = "auto",
     device: str | torch.device = "auto",
     cache_dir: str | os.PathLike | None = None,
+    quantize: str = "none",
+    attn_implementation: str | None = None,
 ) -> LLM:
-    """Load a causal LM: None (bundled SmolLM2), a hub id, a local HF directory, or a .gguf file."""
+    """Load a causal LM: None (bundled SmolLM2), a hub id, a local HF directory, or a .gguf file.
+
+    The weights load straight onto a CUDA device in `dtype` (no full copy in host memory).
+    quantize="4bit": NF4 with double quantization and bf16 compute (bitsandbytes, CUDA only),
+    as LlamaRec's reference (QLoRA); "none" otherwise. attn_implementation: transformers'
+    name ("sdpa", "eager", "flash_attention_2"); None keeps the model's default.
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
+    kwargs: dict[str, Any] = {"dtype": dt, "trust_remote_code": False}
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    if dev.type == "cuda":
+        kwargs["device_map"] = {"": dev.index if dev.index is not None else torch.cuda.current_device()}
+    if quantize not in ("none", "4bit"):
+        raise ModelLoadError(f"quantize={quantize!r}: use none or 4bit")
+    if quantize == "4bit":
+        kwargs["quantization_config"] = _nf4_config(dev)
     source, name = resolve_source(spec, cache_dir)
     check_architecture(source, spec or name)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=False)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dt, trust_remote_code=False)
+        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+        if "device_map" not in kwargs:
+            model.to(dev)
     except ModelLoadError:
         raise
+    except torch.cuda.OutOfMemoryError as exc:
+        raise ModelLoadError(f"{spec or name} does not fit on {dev}: {str(exc).splitlines()[0]}; use a smaller "
+                             "model, precision=bf16, or quantize=4bit") from exc
     except (ValueError, KeyError, OSError, RuntimeError, NotImplementedError, ImportError) as exc:
         raise _friendly(exc, spec or name) from exc
-    model.to(dev)
     model.eval()
     eos_id, pad_id = finish_tokenizer(tokenizer, model, name)
     return LLM(model, tokenizer, name=name, path=source, device=dev, dtype=dt, eos_id=eos_id, pad_id=pad_id)
+
+
+def _nf4_config(dev: torch.device) -> Any:
+    """bitsandbytes 4-bit NF4 settings of LlamaRec's reference (train_ranker.py:36-41)."""
+    if dev.type != "cuda":
+        raise ModelLoadError(f"quantize=4bit needs a CUDA GPU (bitsandbytes); on {dev.type} use quantize=none")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ModelLoadError("quantize=4bit needs the bitsandbytes package: pip install bitsandbytes")
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_use_double_quant=True, bnb_4bit_quant_type="nf4",
+                              bnb_4bit_compute_dtype=torch.bfloat16)
 
 
 # -- tiny models for tests -------------------------------------------------------------------

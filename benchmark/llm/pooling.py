@@ -15,7 +15,6 @@ Used by CALRec (two towers: history text and item text through one LLM) and P2Re
 
 from __future__ import annotations
 
-import contextlib
 import os
 import tempfile
 from pathlib import Path
@@ -82,8 +81,8 @@ def embed_batches(
     progress: bool = True,
     desc: str = "embed items",
 ) -> torch.Tensor:
-    """Pooled last-layer states of many sequences in length-sorted batches (bf16 autocast on
-    CUDA): float32 [n, d] on the CPU. With `starts` (and optionally `ends`, default each row's
+    """Pooled last-layer states of many sequences in length-sorted batches: float32 [n, d] on
+    the CPU, computed in the model's precision (bf16 autocast for bf16 weights). With `starts` (and optionally `ends`, default each row's
     length) the mean runs over tokens starts[i] <= t < ends[i] only, e.g. a prompt's history span."""
     from tqdm.auto import tqdm
 
@@ -96,8 +95,9 @@ def embed_batches(
     device = next(model.parameters()).device
     order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
     out: list[torch.Tensor | None] = [None] * len(ids)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
-    with autocast:
+    from benchmark.llm.precision import autocast, model_precision
+
+    with autocast(device, model_precision(model)):
         for start in tqdm(range(0, len(order), batch_size), desc=desc, disable=not progress, dynamic_ncols=True):
             rows = order[start : start + batch_size]
             batch = batch_ids([ids[i] for i in rows], pad_id, device)

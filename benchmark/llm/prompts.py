@@ -12,6 +12,7 @@ so every sequence the model is trained to emit is a path in the trie.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -43,6 +44,20 @@ class PromptTemplate:
     item_separator: str = ", "
     use_chat_template: bool = True
     plain_layout: str = "### Instruction:\n{instruction}\n\n{input}### Response:\n"
+    plain_preamble: str = ""  # plain layout: text before "### Instruction:" (Alpaca's task sentence)
+    plain_preamble_no_input: str | None = None  # ... when the prompt has no history block (None: the same)
+    response_quote: str = ""  # the response is quote + item text + quote (BIGRec writes "Title (Year)")
+
+    def response(self, item_text: str) -> str:
+        """The text the model is trained to answer with for an item."""
+        return f"{self.response_quote}{item_text}{self.response_quote}"
+
+    def strip_response(self, text: str) -> str:
+        """An answer back to item text: surrounding space and quotes removed (as BIGRec/CFT's evaluation does)."""
+        text = text.strip()
+        if self.response_quote:
+            text = text.strip(self.response_quote).strip()
+        return text
 
     def user_message(self, history_texts: Sequence[str], with_history: bool = True) -> str:
         if not with_history:
@@ -65,7 +80,33 @@ GENERIC_TEMPLATE = PromptTemplate(
     system="You are a recommender system.",
 )
 
-TEMPLATES = {"movie": DEFAULT_TEMPLATE, "generic": GENERIC_TEMPLATE}
+# BIGRec's movie prompt (SAI990323/BIGRec data/movie/process.ipynb, cell 5: instruction, the
+# "input" history sentence, the quoted target) in the Alpaca layout of CFT's and BIGRec's
+# train.py `generate_prompt` (itsmeyjt/CFT train.py: the preamble without input for the
+# counterfactual prompt). The reference's data files are not released for CFT; it reads this format.
+_ALPACA = "Below is an instruction that describes a task, paired with an input that provides further context. " \
+          "Write a response that appropriately completes the request.\n\n"
+_ALPACA_NO_INPUT = "Below is an instruction that describes a task. Write a response that appropriately " \
+                   "completes the request.\n\n"
+BIGREC_TEMPLATE = PromptTemplate(
+    instruction="Given a list of movies the user has watched before, please recommend a new movie that the user "
+                "likes to the user.",
+    history_block="The user has watched the following movies before:{history}\n ",
+    system=None,
+    use_chat_template=False,
+    plain_preamble=_ALPACA,
+    plain_preamble_no_input=_ALPACA_NO_INPUT,
+    response_quote='"',
+)
+BIGREC_GENERIC_TEMPLATE = dataclasses.replace(
+    BIGREC_TEMPLATE,
+    instruction="Given a list of items the user has interacted with before, please recommend a new item that the "
+                "user likes to the user.",
+    history_block="The user has interacted with the following items before:{history}\n ",
+)
+
+TEMPLATES = {"movie": DEFAULT_TEMPLATE, "generic": GENERIC_TEMPLATE, "bigrec": BIGREC_TEMPLATE,
+             "bigrec_generic": BIGREC_GENERIC_TEMPLATE}
 
 
 def get_template(name: str | PromptTemplate) -> PromptTemplate:
@@ -137,11 +178,14 @@ def prompt_text(llm: Any, template: PromptTemplate, history_texts: Sequence[str]
 def _fill(template: PromptTemplate, before: str, after: str, history_texts: Sequence[str], with_history: bool) -> str:
     if "{input}" in after:  # plain layout
         block = ""
+        preamble = template.plain_preamble
         if with_history:
             block = "### Input:\n" + template.history_block.format(
                 history=template.join(history_texts), n=len(history_texts)
             ) + "\n\n"
-        return before + template.instruction + after.replace("{input}", block) + template.response_prefix
+        elif template.plain_preamble_no_input is not None:
+            preamble = template.plain_preamble_no_input
+        return preamble + before + template.instruction + after.replace("{input}", block) + template.response_prefix
     return before + template.user_message(history_texts, with_history) + after
 
 
@@ -190,7 +234,7 @@ def encode_example(
     prompt = prompt_ids(llm, template, history_texts, with_history)
     if target_text is None:
         return prompt, [IGNORE] * len(prompt)
-    response = response_ids(llm, target_text) + [llm.eos_id]
+    response = response_ids(llm, template.response(target_text)) + [llm.eos_id]
     return prompt + response, [IGNORE] * len(prompt) + response
 
 
@@ -201,20 +245,29 @@ def encode_examples(
     targets: Sequence[str],
     with_history: bool = True,
     chunk: int = 8192,
+    train_on_inputs: bool = False,
 ) -> list[tuple[np.ndarray, np.ndarray]]:
     """`encode_example` for many examples, as int32 arrays (same ids; batched tokenization in
-    chunks, so a million examples take ~1 GB rather than the ~10 GB of Python int lists)."""
+    chunks, so a million examples take ~1 GB rather than the ~10 GB of Python int lists).
+
+    train_on_inputs: label the prompt tokens too (BIGRec's `--train_on_inputs`); the first
+    token has no predecessor and stays unlabelled."""
     if len(histories) != len(targets):
         raise ValueError(f"{len(histories)} histories but {len(targets)} targets")
     # the same target text recurs often: tokenize each distinct one once
     distinct = sorted(set(targets))
-    table = {t: np.asarray(ids + [llm.eos_id], dtype=np.int32) for t, ids in zip(distinct, response_ids_batch(llm, distinct))}
+    answers = response_ids_batch(llm, [template.response(t) for t in distinct])
+    table = {t: np.asarray(ids + [llm.eos_id], dtype=np.int32) for t, ids in zip(distinct, answers)}
     out = []
     for start in range(0, len(histories), chunk):
         prompts = prompt_ids_batch(llm, template, histories[start : start + chunk], with_history)
         for prompt, target in zip(prompts, targets[start : start + chunk]):
             response = table[target]
             ids = np.concatenate([np.asarray(prompt, dtype=np.int32), response])
-            labels = np.concatenate([np.full(len(prompt), IGNORE, dtype=np.int32), response])
+            if train_on_inputs:
+                labels = ids.copy()
+                labels[0] = IGNORE
+            else:
+                labels = np.concatenate([np.full(len(prompt), IGNORE, dtype=np.int32), response])
             out.append((ids, labels))
     return out

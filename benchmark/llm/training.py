@@ -7,7 +7,7 @@ Used by SFT, CFT, LlamaRec and CALRec. What it does:
   the LM head (`label_logits`). A [batch, seq, vocab] tensor is never built.
 - Right-padded batches (pad id, attention mask, labels IGNORE on padding), gradient
   accumulation, AdamW (fused on CUDA), linear warmup then linear decay, gradient clipping,
-  bf16 autocast on CUDA.
+  bf16 autocast where the precision is bf16 (CUDA, or a CPU with native bf16).
 - Early stopping on a validation callback (`validate(model) -> score`, higher is better);
   the best trainable weights are restored at the end.
 - Checkpoints in `work_dir` (safetensors for the trainable weights; optimizer, scheduler,
@@ -20,7 +20,6 @@ The loop is one plain function so that Hugging Face accelerate can wrap it later
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import math
@@ -38,6 +37,7 @@ from tqdm.auto import tqdm
 
 from benchmark.config import params_key
 from benchmark.errors import ConfigError
+from benchmark.llm.precision import autocast, weight_dtype
 from benchmark.llm.prompts import IGNORE
 
 Example = tuple[Sequence[int], Sequence[int]]  # (input_ids, labels)
@@ -48,21 +48,19 @@ FINAL_DIR = "final"
 
 @dataclass
 class TrainConfig:
-    """Training hyperparameters. Defaults follow common LoRA practice (BIGRec trains LoRA
-    r=8, alpha=16, dropout 0.05 on q/k/v/o; lr 3e-4 is the usual LoRA rate, full
-    fine-tuning uses 3e-5 when lr is None)."""
+    """Training hyperparameters, as the methods' `TrainFields.train_config()` fills them."""
 
-    lr: float | None = None  # None: 3e-4 with LoRA, 3e-5 for full fine-tuning
+    lr: float = 1e-4
     epochs: int = 1
     batch_size: int = 8
     grad_accum: int = 1
     max_steps: int | None = None  # optimizer steps; overrides epochs when set
-    warmup: float = 0.05  # fraction of the steps (< 1) or a number of steps (>= 1)
+    warmup: float = 0  # a number of steps (>= 1), or a fraction of the steps (< 1)
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     eval_every: int = 0  # optimizer steps between validations; 0 = once per epoch
-    patience: int = 3  # validations without improvement before stopping; 0 = never stop early
-    bf16: bool = True  # autocast to bf16 on CUDA (CPU always runs fp32)
+    patience: int = 1  # validations without improvement before stopping; 0 = never stop early
+    precision: str = "fp32"  # "bf16": bf16 autocast (CUDA, or a CPU with native bf16); trainable weights fp32
     fused_adam: bool = True  # on CUDA
     seed: int = 0
     max_train_examples: int | None = None  # seeded cap applied by the caller (see cap_examples)
@@ -70,16 +68,14 @@ class TrainConfig:
     lora_r: int = 8
     lora_alpha: int = 16
     lora_dropout: float = 0.05
-    lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
-    master_fp32: bool = True  # full fine-tuning of a bf16/fp16 model: train fp32 weights (autocast on CUDA)
+    lora_targets: tuple[str, ...] = ("q_proj", "v_proj")
+    master_fp32: bool = True  # full fine-tuning of a bf16/fp16 model: train fp32 weights (under autocast)
     checkpoint: bool = True  # write resumable checkpoints to work_dir
     progress: bool = True
 
     @property
     def learning_rate(self) -> float:
-        if self.lr is not None:
-            return float(self.lr)
-        return 3e-4 if self.lora else 3e-5
+        return float(self.lr)
 
     def fingerprint(self, n_examples: int, extra: str = "") -> str:
         """Identifies a training run for resuming (progress flag excluded)."""
@@ -250,11 +246,6 @@ def training_dir(ctx: Any, method: str, params: Any, inference_fields: Sequence[
     return Path(cache) / "models" / f"{method}-{hashlib.sha256(payload.encode()).hexdigest()[:20]}"
 
 
-def default_max_examples(device: torch.device | str) -> int | None:
-    """BIGRec trains on 1,024 examples: the CPU default; on CUDA every example."""
-    return None if torch.device(device).type == "cuda" else 1024
-
-
 # -- LoRA -----------------------------------------------------------------------------------------
 
 
@@ -310,10 +301,12 @@ def load_trainable_state(model: Any, state: dict[str, torch.Tensor]) -> None:
             params[name].copy_(value.to(params[name].device, params[name].dtype))
 
 
-def merge_for_inference(model: Any) -> Any:
-    """Fold LoRA adapters into the base weights (faster decoding); a no-op for full FT."""
+def merge_for_inference(model: Any, precision: str = "fp32") -> Any:
+    """Fold LoRA adapters into the base weights (faster decoding) and store the weights in
+    the run's precision (full fine-tuning trained an fp32 copy; bf16 decodes under autocast)."""
     merge = getattr(model, "merge_and_unload", None)
     model = merge() if callable(merge) else model
+    model.to(weight_dtype(precision))
     model.eval()
     return model
 
@@ -335,6 +328,10 @@ def _atomic_dir_write(target: Path, write: Callable[[Path], None]) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def _param_device(model: Any) -> torch.device:
+    return next(model.parameters()).device
+
+
 def save_checkpoint(path: Path, model: Any, optimizer: Any, scheduler: Any, state: dict, best: dict | None) -> None:
     from safetensors.torch import save_file
 
@@ -347,7 +344,8 @@ def save_checkpoint(path: Path, model: Any, optimizer: Any, scheduler: Any, stat
                 "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(),
                 "torch_rng": torch.get_rng_state(),
-                "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+                # the training device's generator only: restoring all would fail with fewer GPUs
+                "cuda_rng": torch.cuda.get_rng_state(_param_device(model)) if _param_device(model).type == "cuda" else None,
             },
             tmp / "trainer_state.pt",
         )
@@ -390,31 +388,41 @@ def make_optimizer(params: list, config: TrainConfig, device: torch.device) -> t
 
 
 def loss_validator(
-    examples: Sequence[Example], pad_id: int, *, batch_size: int = 16, bf16: bool = True
+    examples: Sequence[Example],
+    pad_id: int,
+    *,
+    batch_size: int = 16,
+    precision: str = "fp32",
+    token_weights: Callable[[int], np.ndarray] | None = None,
 ) -> Callable[[Any], float]:
-    """A validation callback: minus the mean token loss on `examples` (higher is better)."""
+    """A validation callback: minus the mean token loss on `examples` (higher is better).
+
+    token_weights(n) gives the weights of an example's n labelled tokens (CFT weighs its
+    evaluation loss this way); the loss is then the weighted sum over the weight total."""
 
     def validate(model: Any) -> float:
         device = next(model.parameters()).device
-        total, count = 0.0, 0
+        total, count = 0.0, 0.0
         was_training = model.training
         model.eval()
-        with torch.no_grad(), _autocast(device, bf16):
+        with torch.no_grad(), autocast(device, precision):
             for start in range(0, len(examples), batch_size):
-                batch = collate(examples[start : start + batch_size], pad_id, device)
-                loss, n = example_loss(model, batch, reduction="sum")
-                total += float(loss)
-                count += n
+                chunk = examples[start : start + batch_size]
+                batch = collate(chunk, pad_id, device)
+                logits, targets, rows = label_logits(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
+                losses = F.cross_entropy(logits.float(), targets, reduction="none")
+                if token_weights is None:
+                    total += float(losses.sum())
+                    count += int(targets.numel())
+                    continue
+                counts = torch.bincount(rows, minlength=len(chunk)).tolist()
+                w = torch.from_numpy(np.concatenate([token_weights(c) for c in counts if c])).to(losses.device)
+                total += float((losses * w).sum())
+                count += float(w.sum())
         model.train(was_training)
-        return -total / max(count, 1)
+        return -total / max(count, 1e-12)
 
     return validate
-
-
-def _autocast(device: torch.device, bf16: bool):
-    if device.type == "cuda" and bf16:
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
 
 
 def train(
@@ -477,8 +485,9 @@ def train(
             optimizer.load_state_dict(extra["optimizer"])
             scheduler.load_state_dict(extra["scheduler"])
             torch.set_rng_state(extra["torch_rng"])
-            if extra.get("cuda_rng") and device.type == "cuda":
-                torch.cuda.set_rng_state_all(extra["cuda_rng"])
+            cuda_rng = extra.get("cuda_rng")
+            if isinstance(cuda_rng, torch.Tensor) and device.type == "cuda":
+                torch.cuda.set_rng_state(cuda_rng, device)
             if (ckpt / "best.safetensors").is_file():
                 best = load_file(str(ckpt / "best.safetensors"))
             state = prior
@@ -502,7 +511,7 @@ def train(
                 for mb in group:
                     batch = make_batch([examples[i] for i in mb], pad_id, device)
                     tokens += int(batch["attention_mask"].sum())
-                    with _autocast(device, config.bf16):
+                    with autocast(device, config.precision):
                         loss_sum, _ = compute_loss(model, batch)
                     loss = loss_sum / max(n_tokens, 1)  # token mean over the whole accumulated step
                     loss.backward()
@@ -552,7 +561,9 @@ def train(
         resumed_from=resumed_from,
         stopped_early=bool(state["stopped_early"]),
         seconds=time.perf_counter() - t_start,
-        # a finished checkpoint only loaded here adds no training time
-        total_seconds=prior_seconds + (time.perf_counter() - t_start if step > resumed_from else 0.0),
+        # the training time the last checkpoint recorded (so a later load reports the same
+        # figure); a finished checkpoint only loaded here adds no training time
+        total_seconds=(float(state["train_seconds"]) if ckpt is not None and "train_seconds" in state
+                       else prior_seconds + (time.perf_counter() - t_start if step > resumed_from else 0.0)),
         tokens=tokens,
     )

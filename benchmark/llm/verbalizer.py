@@ -57,6 +57,7 @@ def verbalizer_scores(
     pad_id: int,
     batch_size: int = 8,
     progress: bool = False,
+    precision: str = "fp32",
 ) -> np.ndarray:
     """Next-token logits of `token_ids` after each prompt: float64 [n_prompts, n_labels].
 
@@ -64,10 +65,12 @@ def verbalizer_scores(
     candidates: pad their rows with any id and ignore those columns). Prompts are left-padded
     in length-sorted batches with position ids restarting at each prompt's first token, so a
     prompt scores the same alone or in a batch. Only the last position goes through the
-    LM head.
+    LM head, in fp32 (bf16 letter logits of magnitude 20-30 tie, and ties would fall back to
+    the presented order); the body runs under bf16 autocast when `precision` is "bf16".
     """
     from benchmark.llm.decoding import _left_pad
-    from benchmark.llm.training import decoder_body, head_logits
+    from benchmark.llm.precision import autocast, fp32_head
+    from benchmark.llm.training import base_model, decoder_body, head_logits
 
     if not prompts:
         return np.zeros((0, len(token_ids)), dtype=np.float64)
@@ -82,9 +85,7 @@ def verbalizer_scores(
     out = np.zeros(tuple(table.shape), dtype=np.float64)
     batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
     body = decoder_body(model)
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
-                else torch.autocast("cpu", enabled=False))
-    with autocast:
+    with autocast(device, precision), fp32_head(base_model(model)):
         for rows in tqdm(batches, desc="verbalizer", disable=not progress, dynamic_ncols=True):
             ids, mask = _left_pad([list(prompts[i]) for i in rows], pad_id, device)
             positions = (mask.cumsum(1) - 1).clamp(min=0)
