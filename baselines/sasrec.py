@@ -46,8 +46,11 @@ from tqdm.auto import tqdm
 
 from benchmark.config import params_key
 from benchmark.errors import ConfigError
+from benchmark.hparams import hp
+from benchmark.manifest import resolve_device
 from benchmark.ranking import rank_by_scores
 from benchmark.registry import Method, RunContext, register_method
+from benchmark.store import umask_mode
 from benchmark.types import CandidateSet, RankedLists, RankRequest, TrainData
 
 
@@ -63,60 +66,48 @@ class SASRecParams:
     sparse Amazon data (Kang & McAuley 2018).
     """
 
-    hidden: int = 64
-    blocks: int = 2
-    heads: int = 1
+    hidden: int = hp(64, ge=1, source="Klenitskiy & Vasilev 2023 (SASRec.yaml: hidden_units 64)")
+    blocks: int = hp(2, ge=1, source="Kang & McAuley 2018; Klenitskiy & Vasilev 2023")
+    heads: int = hp(1, ge=1, source="Kang & McAuley 2018; Klenitskiy & Vasilev 2023")
     # fields added after fitted models were first cached, with the behaviour before they existed:
     # keyed only when set to something else (benchmark.config.params_key)
     ADDED_LATER: ClassVar[dict[str, Any]] = {
         "block": "preln", "adam_beta2": 0.98, "init_std": 0.0, "positions": "end", "batching": "bucket"
     }
 
-    dropout: float = 0.2
-    max_len: int = 200
-    loss: str = "ce"  # "ce" (full softmax) or "bce" (one sampled negative per position)
-    lr: float = 2e-3  # with batch 64: converges in fewer epochs than 1e-3 / 128 (bench/RESULTS.md)
-    batch_size: int = 64
-    epochs: int = 200
-    patience: int = 10  # evaluations without validation improvement before stopping
-    eval_every: int = 1  # epochs between validation evaluations
-    weight_decay: float = 0.0
-    device: str = "auto"  # "auto" = ctx.device (cuda if available when ctx says auto); or "cpu"/"cuda"
+    dropout: float = hp(0.2, ge=0.0, lt=1.0, source="Kang & McAuley 2018 (dense data such as ML-1M)")
+    max_len: int = hp(200, ge=1, source="Kang & McAuley 2018 (ML-1M)")
+    loss: str = hp("ce", choices=("ce", "bce"))  # "ce" (full softmax) or "bce" (one sampled negative per position)
+    lr: float = hp(2e-3, gt=0.0)  # with batch 64: converges in fewer epochs than 1e-3 / 128 (bench/RESULTS.md)
+    batch_size: int = hp(64, ge=1)
+    epochs: int = hp(200, ge=1)
+    patience: int = hp(10, ge=1)  # evaluations without validation improvement before stopping
+    eval_every: int = hp(1, ge=1)  # epochs between validation evaluations
+    weight_decay: float = hp(0.0, ge=0.0)
+    device: str = "auto"  # "auto" = ctx.device (cuda if available when ctx says auto); "cpu"/"cuda" (check_params)
     amp: bool = True  # bf16 autocast on CUDA; CPU always runs fp32
-    num_threads: int = 0  # torch intra-op threads during fit/rank; 0 leaves torch's default
-    eval_batch_size: int = 512
-    max_train_seconds: float = 0.0  # stop after the first epoch that ends past this budget (0 = no limit)
+    num_threads: int = hp(0, ge=0, role="harness")  # torch intra-op threads during fit/rank; 0 leaves torch's default
+    eval_batch_size: int = hp(512, ge=1, role="harness")
+    max_train_seconds: float = hp(0.0, ge=0.0)  # stop after the first epoch that ends past this budget (0 = no limit)
     scale_embeddings: bool = True  # multiply item embeddings by sqrt(hidden) at the input (original SASRec)
-    block: str = "preln"  # "preln": clean pre-LN block, GELU | "pmixer": the block of pmixer/SASRec.pytorch
-    # that Klenitskiy & Vasilev build on (query from LN(x), keys/values from x, residual from LN(x); LN before
-    # a ReLU feed-forward whose residual is its normalised input)
-    adam_beta2: float = 0.98  # Adam's beta2 (Klenitskiy & Vasilev: torch's default 0.999)
-    init_std: float = 0.0  # 0: xavier-normal embeddings, torch's default Linear init; >0: N(0, std) for every
-    # Linear and Embedding weight, zero biases (RecBole, Klenitskiy & Vasilev: 0.02)
-    positions: str = "end"  # "end": position ids count back from the last item (the last is always max_len-1);
-    # "start": they count from the first item of the window, as with right padding (pmixer, Klenitskiy & Vasilev)
-    batching: str = "bucket"  # "bucket": batches of similar-length users (less padding; every batch weighs the
-    # same, so short users' positions weigh more); "shuffle": plain shuffled batches (Klenitskiy & Vasilev)
+    block: str = hp("preln", choices=("preln", "pmixer"))  # "preln": clean pre-LN block, GELU | "pmixer": the block
+    # of pmixer/SASRec.pytorch that Klenitskiy & Vasilev build on (query from LN(x), keys/values from x, residual
+    # from LN(x); LN before a ReLU feed-forward whose residual is its normalised input)
+    adam_beta2: float = hp(0.98, ge=0.0, lt=1.0)  # Adam's beta2 (Klenitskiy & Vasilev: torch's default 0.999)
+    init_std: float = hp(0.0, ge=0.0)  # 0: xavier-normal embeddings, torch's default Linear init; >0: N(0, std) for
+    # every Linear and Embedding weight, zero biases (RecBole, Klenitskiy & Vasilev: 0.02)
+    positions: str = hp("end", choices=("end", "start"))  # "end": position ids count back from the last item (the
+    # last is always max_len-1); "start": they count from the first item of the window, as with right padding
+    # (pmixer, Klenitskiy & Vasilev)
+    batching: str = hp("bucket", choices=("bucket", "shuffle"))  # "bucket": batches of similar-length users (less
+    # padding; every batch weighs the same, so short users' positions weigh more); "shuffle": plain shuffled
+    # batches (Klenitskiy & Vasilev)
 
     def __post_init__(self) -> None:
-        if self.loss not in ("ce", "bce"):
-            raise ValueError(f"loss must be 'ce' or 'bce', got {self.loss!r}")
-        if self.hidden <= 0 or self.blocks <= 0 or self.heads <= 0 or self.max_len <= 0:
-            raise ValueError("hidden, blocks, heads and max_len must be positive")
-        if self.hidden % self.heads:
+        # single-field ranges and choices are declared with hp() and checked when the params are resolved
+        # (benchmark.hparams.check_params); this check spans two fields
+        if self.heads > 0 and self.hidden % self.heads:
             raise ValueError(f"hidden ({self.hidden}) must be divisible by heads ({self.heads})")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
-        if self.batch_size <= 0 or self.eval_batch_size <= 0 or self.eval_every <= 0:
-            raise ValueError("batch_size, eval_batch_size and eval_every must be positive")
-        if not 0.0 <= self.adam_beta2 < 1.0 or self.init_std < 0:
-            raise ValueError("adam_beta2 must be in [0, 1) and init_std >= 0")
-        if self.block not in ("preln", "pmixer"):
-            raise ValueError(f"block must be 'preln' or 'pmixer', got {self.block!r}")
-        if self.positions not in ("end", "start"):
-            raise ValueError(f"positions must be 'end' or 'start', got {self.positions!r}")
-        if self.batching not in ("bucket", "shuffle"):
-            raise ValueError(f"batching must be 'bucket' or 'shuffle', got {self.batching!r}")
 
 
 def _causal_attention(
@@ -273,6 +264,11 @@ class SASRec(Method):
 
     Params = SASRecParams
 
+    @classmethod
+    def check_params(cls, params: SASRecParams) -> None:
+        if params.device != "auto":  # a device this machine lacks (or a typo) fails before any work
+            resolve_device(params.device, option=f"{cls.name}.device")
+
     def __init__(self, params: SASRecParams, ctx: RunContext, init_item_embeddings: np.ndarray | None = None):
         super().__init__(params, ctx)
         self.model: SASRecModel | None = None
@@ -373,6 +369,7 @@ class SASRec(Method):
     def _save_cached(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".pt")
+        os.fchmod(fd, umask_mode())  # mkstemp's 0600 -> what the umask allows
         os.close(fd)
         try:
             state = {k: v.detach().cpu() for k, v in self.model.state_dict().items()}

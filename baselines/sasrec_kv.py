@@ -19,25 +19,36 @@ Any field can still be overridden with `--set sasrec_kv.<field>=...`. Fitted mod
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
+from typing import Any
 
 from baselines.sasrec import SASRec, SASRecParams
+from benchmark.hparams import field_meta
 from benchmark.registry import register_method
+
+SOURCE = "antklen/sasrec-bert4rec-recsys23 (src/configs/SASRec.yaml, src/run_final.sh)"
+
+
+def _preset(name: str, default: Any) -> Any:
+    """SASRecParams' declaration of `name` (its bounds, choices and role) with the recipe's default."""
+    base = next(f for f in dataclasses.fields(SASRecParams) if f.name == name)
+    return dataclasses.field(default=default, metadata={"hp": {**field_meta(base), "source": SOURCE}})
 
 
 @dataclass
 class SASRecKVParams(SASRecParams):
     """SASRecParams with Klenitskiy & Vasilev's values as defaults (see the module docstring)."""
 
-    dropout: float = 0.1
-    lr: float = 1e-3
-    batch_size: int = 128
-    epochs: int = 100
-    block: str = "pmixer"
-    adam_beta2: float = 0.999
-    init_std: float = 0.02
-    positions: str = "start"
-    batching: str = "shuffle"
+    dropout: float = _preset("dropout", 0.1)
+    lr: float = _preset("lr", 1e-3)
+    batch_size: int = _preset("batch_size", 128)
+    epochs: int = _preset("epochs", 100)
+    block: str = _preset("block", "pmixer")
+    adam_beta2: float = _preset("adam_beta2", 0.999)
+    init_std: float = _preset("init_std", 0.02)
+    positions: str = _preset("positions", "start")
+    batching: str = _preset("batching", "shuffle")
 
 
 @register_method("sasrec_kv")
