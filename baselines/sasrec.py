@@ -53,8 +53,10 @@ from tqdm.auto import tqdm
 from benchmark.config import params_key
 from benchmark.errors import ConfigError
 from benchmark.hparams import fields_with_role, hp
+from benchmark.manifest import resolve_device
 from benchmark.ranking import rank_by_scores
 from benchmark.registry import Method, RunContext, register_method
+from benchmark.store import umask_mode
 from benchmark.types import CandidateSet, RankedLists, RankRequest, TrainData
 
 
@@ -103,7 +105,7 @@ class SASRecParams:
     max_train_seconds: float = hp(0.0, ge=0)  # stop after the first epoch ending past this budget (0 = no limit)
 
     def __post_init__(self) -> None:
-        if self.hidden % self.heads:
+        if self.heads > 0 and self.hidden % self.heads:
             raise ValueError(f"hidden ({self.hidden}) must be divisible by heads ({self.heads})")
 
 
@@ -263,6 +265,11 @@ class SASRec(Method):
     RECIPE_VERSION: ClassVar[int] = 2
     REFERENCE: ClassVar[str] = f"{KV} (Klenitskiy & Vasilev, RecSys 2023; Kang & McAuley 2018)"
 
+    @classmethod
+    def check_params(cls, params: SASRecParams) -> None:
+        if params.device != "auto":  # a device this machine lacks (or a typo) fails before any work
+            resolve_device(params.device, option=f"{cls.name}.device")
+
     def __init__(self, params: SASRecParams, ctx: RunContext, init_item_embeddings: np.ndarray | None = None):
         super().__init__(params, ctx)
         self.model: SASRecModel | None = None
@@ -363,6 +370,7 @@ class SASRec(Method):
     def _save_cached(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".pt")
+        os.fchmod(fd, umask_mode())  # mkstemp's 0600 -> what the umask allows
         os.close(fd)
         try:
             state = {k: v.detach().cpu() for k, v in self.model.state_dict().items()}

@@ -4,6 +4,10 @@
     sampled:N[:uniform|pop]   the target plus N negatives the user has not seen (seeded)
     retrieved:METHOD:K    the top-K of another method's finished run on the same split;
                           a target outside it is a miss for every method ranked on it
+
+Cached sets are keyed by the split, the protocol, the evaluated users and, for retrieved
+sets, the retriever's unit key and the digest of its rankings: a retrained retriever gives
+new candidates.
 """
 
 from __future__ import annotations
@@ -13,11 +17,12 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import numpy as np
 
 from benchmark.errors import ConfigError, StoreError
+from benchmark.store import umask_mode
 from benchmark.types import PAD, CandidateSet, EvalSet, Split
 
 PROTOCOLS = {
@@ -25,6 +30,13 @@ PROTOCOLS = {
     "sampled:N[:uniform|pop]": "target + N sampled unseen negatives; sampled metrics can reorder methods",
     "retrieved:METHOD:K": "top-K of a finished METHOD run on the same split (two-stage rerankers)",
 }
+
+
+class Retrieved(NamedTuple):
+    """A retriever's finished rankings and what identifies them (its unit key + rankings digest)."""
+
+    source: str
+    rankings: dict[int, list[int]]
 
 
 def parse_protocol(text: str) -> tuple[str, list[str]]:
@@ -47,6 +59,13 @@ def sampled_candidates(split: Split, evalset: EvalSet, n: int, sampler: str, see
     """Row u: the target first, then n distinct negatives outside the user's history (seeded)."""
     rng = np.random.default_rng(seed)
     n_items = split.n_items
+    free = [n_items - len(np.union1d(hist, [target])) for target, hist in zip(evalset.targets, evalset.histories)]
+    if free and min(free) < n:
+        row = int(np.argmin(free))
+        raise ConfigError(
+            f"--candidates sampled:{n}: user {int(evalset.users[row])} has only {free[row]} unseen items to "
+            f"sample from (catalog of {n_items}); use sampled:{min(free)} or fewer, or --candidates full"
+        )
     if sampler == "pop":
         counts = np.bincount(np.concatenate([s for s in split.train if len(s)] or [np.zeros(0, int)]), minlength=n_items)
         probs = (counts + 1.0) / (counts + 1.0).sum()
@@ -58,10 +77,9 @@ def sampled_candidates(split: Split, evalset: EvalSet, n: int, sampler: str, see
         forbidden[hist] = True
         forbidden[target] = True
         allowed = np.flatnonzero(~forbidden)
-        take = min(n, len(allowed))
         p = None if probs is None else probs[allowed] / probs[allowed].sum()
         out[row, 0] = target
-        out[row, 1 : 1 + take] = rng.choice(allowed, size=take, replace=False, p=p)
+        out[row, 1:] = rng.choice(allowed, size=n, replace=False, p=p)
     return out
 
 
@@ -72,13 +90,19 @@ def build_candidates(
     *,
     seed: int = 0,
     cache_dir: Path | None = None,
-    retrieved_loader: Callable[[str, int], dict[int, list[int]]] | None = None,
+    retrieved_loader: Callable[[str, int], Retrieved] | None = None,
 ) -> CandidateSet:
     """Create (or load from the cache) the candidate set for `evalset` under `protocol`."""
     kind, args = parse_protocol(protocol)
     if kind == "full":
         return CandidateSet("full", evalset.users.copy(), None, True)
-    digest = hashlib.sha256(json.dumps([split.fingerprint, protocol, seed]).encode())
+    retrieved = None
+    if kind == "retrieved":
+        if retrieved_loader is None:
+            raise ConfigError(f"{protocol}: retrieved candidates need a run store with a finished {args[0]} run")
+        retrieved = retrieved_loader(args[0], int(args[1]))
+    source = None if retrieved is None else retrieved.source
+    digest = hashlib.sha256(json.dumps([split.fingerprint, protocol, seed] + ([source] if source else [])).encode())
     digest.update(np.ascontiguousarray(evalset.users, dtype=np.int64).tobytes())
     digest.update(np.ascontiguousarray(evalset.targets, dtype=np.int64).tobytes())
     key = digest.hexdigest()[:16]
@@ -91,9 +115,7 @@ def build_candidates(
         items = sampled_candidates(split, evalset, int(args[0]), sampler, seed)
     else:
         method, k = args[0], int(args[1])
-        if retrieved_loader is None:
-            raise ConfigError(f"{protocol}: retrieved candidates need a run store with a finished {method} run")
-        rankings = retrieved_loader(method, k)
+        rankings = retrieved.rankings
         missing = [int(u) for u in evalset.users if int(u) not in rankings]
         if missing:
             raise StoreError(
@@ -107,9 +129,14 @@ def build_candidates(
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".npz")
+        os.fchmod(fd, umask_mode())
         os.close(fd)
-        np.savez(tmp, users=evalset.users, items=items)
-        os.replace(tmp, path)
+        try:
+            np.savez(tmp, users=evalset.users, items=items)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
     return CandidateSet(protocol, evalset.users.copy(), items, True)
 
 

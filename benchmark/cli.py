@@ -1,11 +1,13 @@
 """`python -m benchmark VERB ...`: list, data prepare|fetch, run, leaderboard, compare, runs.
 
-Every BenchmarkError becomes one line on stderr and exit code 2.
+Every BenchmarkError, and every OSError (with its path, the errno's meaning and what to do),
+becomes one line on stderr and exit code 2.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import sys
 from pathlib import Path
@@ -89,43 +91,59 @@ def cmd_data(args: argparse.Namespace) -> int:
         for name, folder in fetch_assets(args.cache_dir).items():
             print(f"{name}: {folder}")
         return 0
-    from benchmark.data.stats import split_stats
+    from benchmark.data.stats import preprocess_counts, split_stats
 
     split = _prepare(args)
     stats = split_stats(split)
     print(f"{split.dataset}  split={split.protocol}  kcore={args.kcore}  fingerprint={split.fingerprint}")
     print(tabulate(stats, headers="keys", showindex=False, floatfmt=".4g"))
+    counts = preprocess_counts(split)
+    if counts:
+        print()
+        print(tabulate(list(counts.items()), headers=["preprocessing", "count"]))
     return 0
 
 
-def _seeds(text: str) -> list[int]:
-    try:
-        seeds = [int(s) for s in text.split(",") if s.strip()]
-    except ValueError:
-        raise ConfigError(f"--seeds {text!r}: give comma-separated integers, e.g. --seeds 0,1,2") from None
-    if not seeds:
-        raise ConfigError("--seeds needs at least one seed")
-    return seeds
+def _check_run_args(args: argparse.Namespace, methods: list[str], overrides: dict, sets: dict) -> None:
+    """Everything about `run` that can be checked without the data, before any work or write."""
+    from benchmark.candidates import parse_protocol
+    from benchmark.manifest import resolve_device
+    from benchmark.runner import CUTOFFS, resolve_method, torch_device_type
+    from benchmark.store import RunStore
+    from benchmark import validate
+
+    device_type = torch_device_type(resolve_device(args.device))
+    resolved = [resolve_method(name, overrides, device_type=device_type, budget=args.budget, llm=args.llm)
+                for name in methods]  # unknown names, bad values, unknown budgets
+    validate.check_unique_labels([r.label for r in resolved])
+    labels = validate.run_labels(resolved)
+    validate.check_labels({k: v for k, v in overrides.items() if k not in sets}, labels, str(args.config))
+    validate.check_labels(sets, labels, "--set")
+    validate.check_ranking_length(args.k, CUTOFFS)
+    validate.check_eval_users(args.eval_users)
+    resolve_device(args.device)
+    parse_protocol(args.candidates)
+    validate.check_run_id(args.run_id, _runs_dir(args))
+    identity = {"dataset": args.dataset.strip(), "split": args.split, "candidates": args.candidates}
+    validate.check_run_target(RunStore(_runs_dir(args)), args.run_id, identity)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     from benchmark.config import load_config_file, parse_sets
     from benchmark.runner import RunOptions, Runner
+    from benchmark.validate import check_k_fits_catalog, parse_seeds
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     if not methods:
         raise ConfigError("--methods is empty; e.g. --methods pop,sasrec (see `python -m benchmark list`)")
+    seeds = parse_seeds(args.seeds)
     overrides: dict = {}
     if args.config:
         overrides = load_config_file(args.config)
-    for method, values in parse_sets(args.set or []).items():
+    sets = parse_sets(args.set or [])
+    for method, values in sets.items():
         overrides.setdefault(method, {}).update(values)
-    from benchmark.manifest import resolve_device
-    from benchmark.runner import resolve_method, torch_device_type
-
-    device_type = torch_device_type(resolve_device(args.device))
-    for name in methods:  # unknown names and bad overrides fail before any data work
-        resolve_method(name, overrides, device_type=device_type, budget=args.budget, llm=args.llm)
+    _check_run_args(args, methods, overrides, sets)
     opts = RunOptions(
         methods=methods,
         dataset=args.dataset,
@@ -133,7 +151,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         split=args.split,
         candidates=args.candidates,
         kcore=args.kcore,
-        seeds=_seeds(args.seeds),
+        seeds=seeds,
         eval_users=args.eval_users,
         k=args.k,
         overrides=overrides,
@@ -146,11 +164,15 @@ def cmd_run(args: argparse.Namespace) -> int:
         progress=not args.quiet,
     )
     split = _prepare(args)
+    check_k_fits_catalog(args.k, split.n_items)
     runner = Runner(opts, split)
+    if args.eval_users is not None and opts.eval_users is None:
+        print(f"note: --eval-users {args.eval_users} covers all {len(split.test)} test users; "
+              f"every one is evaluated, under the full protocol {opts.protocol_label}", file=sys.stderr)
     print(f"run {runner.run_id}: {split.dataset} {opts.protocol_label}, {len(runner.test)} test users, "
-          f"device {runner.device}", file=sys.stderr)
+          f"device {runner.device}")
     for name in methods:  # every departure from a method's reference recipe, before any work
-        print(f"  {runner.resolve(name).note()}", file=sys.stderr)
+        print(f"  {runner.resolve(name).note()}")
     outcomes = runner.run()
     rows = []
     for o in outcomes:
@@ -171,10 +193,20 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _metrics_and_permutations(args: argparse.Namespace) -> tuple[str, ...]:
+    metrics = tuple(m.strip() for m in args.metrics.split(",") if m.strip())
+    if not metrics:
+        raise ConfigError(f"--metrics {args.metrics!r} names no metric; e.g. --metrics ndcg@10,hr@10,mrr@10")
+    if args.permutations < 1:
+        raise ConfigError(f"--permutations {args.permutations}: give a positive number of permutations "
+                          "(default 10000)")
+    return metrics
+
+
 def cmd_leaderboard(args: argparse.Namespace) -> int:
     from benchmark.publish import publish
 
-    metrics = tuple(m.strip() for m in args.metrics.split(",") if m.strip())
+    metrics = _metrics_and_permutations(args)
     paths = publish(
         _runs_dir_store(args),
         args.dataset,
@@ -203,17 +235,24 @@ def _runs_dir_store(args: argparse.Namespace):
 def cmd_compare(args: argparse.Namespace) -> int:
     from benchmark.publish import compare_refs
 
-    metrics = tuple(m.strip() for m in args.metrics.split(",") if m.strip())
+    metrics = _metrics_and_permutations(args)
     print(compare_refs(_runs_dir_store(args), args.a, args.b, metrics=metrics, n_permutations=args.permutations))
     return 0
 
 
 def cmd_runs(args: argparse.Namespace) -> int:
+    from benchmark.errors import StoreError
+
     store = _runs_dir_store(args)
     rows = []
-    for run_id in store.runs():
-        meta = store.run_meta(run_id)
-        units = sorted(p.parent.parent.name + "/" + p.parent.name for p in store.run_dir(run_id).glob("*/seed-*/metrics.json"))
+    orphans = store.orphans()
+    for run_id in sorted(store.runs() + orphans):
+        try:
+            meta = {"status": "run.json missing"} if run_id in orphans else store.run_meta(run_id)
+        except StoreError:  # a damaged run.json: say so and keep listing
+            meta = {"status": "run.json damaged"}
+        folder = store.run_dir(run_id)
+        units = sorted(p.parent.parent.name + "/" + p.parent.name for p in folder.glob("*/seed-*/metrics.json"))
         rows.append([run_id, meta.get("status"), meta.get("dataset"), meta.get("protocol"), ", ".join(units)])
     print(tabulate(rows, headers=["run", "status", "dataset", "protocol", "finished"]) if rows else f"no runs under {store.root}")
     return 0
@@ -288,13 +327,46 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# what to do about the OS errors a run meets (the errno's own meaning is printed before this)
+_OS_ADVICE = {
+    errno.EACCES: "check its permissions (ls -l), or use a path you may read and write",
+    errno.EPERM: "check its permissions (ls -l), or use a path you may read and write",
+    errno.EROFS: "point --runs-dir (or $BENCHMARK_RUNS), or --leaderboards, at a writable directory",
+    errno.ENOSPC: "free some disk space or point --runs-dir at another disk, then rerun the same command "
+                  "(finished units are kept)",
+    errno.EDQUOT: "your disk quota is used up; free some space or point --runs-dir elsewhere, then rerun",
+    errno.ENOENT: "check that the path exists",
+    errno.EISDIR: "it is a directory; give a file",
+    errno.ENOTDIR: "a part of the path is a file, not a directory",
+    errno.ENAMETOOLONG: "the name is too long; use a shorter --run-id or path",
+    errno.EMFILE: "too many open files; raise the limit (ulimit -n) and rerun",
+}
+
+
+def os_error_line(exc: OSError) -> str:
+    """One line: the path, what the errno means (and its name), and what to do."""
+    code = exc.errno
+    meaning = os.strerror(code) if code else (exc.strerror or str(exc))
+    name = errno.errorcode.get(code, "") if code else ""
+    where = exc.filename if exc.filename is not None else "a file"
+    advice = _OS_ADVICE.get(code, "check the path and rerun the same command (finished units are kept)")
+    return f"{where}: {meaning}{f' ({name})' if name else ''}; {advice}"
+
+
+def _one_line(text: str) -> str:
+    return " / ".join(part.strip() for part in text.strip().splitlines() if part.strip())
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
     except BenchmarkError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {_one_line(str(exc))}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"error: {_one_line(os_error_line(exc))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted: finished units are kept; rerun the same command to resume", file=sys.stderr)

@@ -62,10 +62,14 @@ def parse_sets(items: list[str]) -> dict[str, dict[str, Any]]:
 def load_config_file(path: str | Path) -> dict[str, dict[str, Any]]:
     """A TOML file with one table per method: [sasrec] hidden = 128."""
     p = Path(path)
+    if p.is_dir():
+        raise ConfigError(f"config file {p} is a directory; give a TOML file to --config")
     if not p.is_file():
         raise ConfigError(f"config file {p} not found; give an existing TOML file to --config")
     try:
-        data = tomllib.loads(p.read_text())
+        data = tomllib.loads(p.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {p} is not UTF-8 text (a binary file?); give a TOML file to --config") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"config file {p} is not valid TOML: {exc}") from exc
     for key, value in data.items():

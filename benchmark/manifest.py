@@ -40,16 +40,28 @@ def git_commit() -> str | None:
     return head + ("+dirty" if dirty else "")
 
 
-def resolve_device(device: str = "auto") -> str:
+def resolve_device(device: str = "auto", option: str = "--device") -> str:
+    """auto -> cuda where available, else cpu; cpu, cuda and cuda:N are checked against this machine.
+
+    Anything else (tpu, a typo) is a ConfigError naming `option` and the accepted values."""
     import torch
 
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        from benchmark.errors import ConfigError
+    from benchmark.errors import ConfigError
 
-        raise ConfigError(f"--device {device}: CUDA is not available here; use --device cpu or auto")
-    return device
+    name = device.strip().lower()
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cpu":
+        return name
+    kind, _, index = name.partition(":")
+    if kind != "cuda" or (index and not index.isdigit()):
+        raise ConfigError(f"{option}={device}: unknown device; use auto, cpu, cuda or cuda:N")
+    if not torch.cuda.is_available():
+        raise ConfigError(f"{option}={device}: CUDA is not available here; use cpu or auto")
+    if index and int(index) >= torch.cuda.device_count():
+        raise ConfigError(f"{option}={device}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                          f"numbered from 0")
+    return name
 
 
 def device_name(device: str) -> str:

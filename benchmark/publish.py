@@ -33,6 +33,15 @@ def collect_units(store: RunStore, dataset: str, protocol: str) -> tuple[list[Un
         cfg = unit.config
         if cfg.get("dataset") == dataset and cfg.get("protocol") == protocol:
             matching.append((cfg["run_id"], unit))
+    for run_id in store.orphans():  # units whose run.json was deleted would be left out silently
+        for metrics in sorted(store.run_dir(run_id).glob("*/seed-*/metrics.json")):
+            cfg = UnitFiles(metrics.parent).config
+            if cfg.get("dataset") == dataset and cfg.get("protocol") == protocol:
+                raise StoreError(
+                    f"{store.run_dir(run_id)} holds finished {dataset} {protocol} units but its run.json is missing; "
+                    f"rerun the command that made it with --run-id {run_id} (finished units are reused), or delete "
+                    "that directory"
+                )
     if not matching:
         raise StoreError(
             f"no finished runs for dataset {dataset!r} and protocol {protocol!r} under {store.root}; "

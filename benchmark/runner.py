@@ -15,8 +15,9 @@ from typing import Any
 
 import numpy as np
 
-from benchmark.candidates import build_candidates, parse_protocol, target_in_candidates
+from benchmark.candidates import Retrieved, build_candidates, parse_protocol, target_in_candidates
 from benchmark.config import params_dict
+from benchmark.data.assets import sha256_file
 from benchmark.errors import ConfigError, MethodError
 from benchmark.manifest import manifest, peak_memory_mb, resolve_device
 from benchmark.recipes import Resolved, resolve_recipe
@@ -24,6 +25,7 @@ from benchmark.registry import RunContext, get_method
 from benchmark.scoring.metrics import coverage, per_user_metrics
 from benchmark.store import RunStore, UnitFiles, unit_key
 from benchmark.types import PAD, EvalSet, RankedLists, RankRequest, Split
+from benchmark.validate import check_label_settings, check_run_target, effective_eval_users, merge_run_meta
 
 CUTOFFS = (1, 5, 10, 20)
 EVAL_USER_SEED = 0  # the test-user subsample (--eval-users) is the same for every method and seed
@@ -128,6 +130,10 @@ def allowed_count(request: RankRequest, row: int, n_items: int) -> int:
     return int(len(pool))
 
 
+def _written_at(unit: UnitFiles) -> int:
+    return (unit.path / "metrics.json").stat().st_mtime_ns
+
+
 def _cached_train_seconds(notes: dict[str, Any]) -> float | None:
     """Training seconds of a fit loaded from the model cache (a notes entry with loaded_from), else None."""
     for value in notes.values():
@@ -212,9 +218,11 @@ class Runner:
         self.split = split
         self.store = RunStore(opts.runs_dir)
         self.device = resolve_device(opts.device)
+        opts.eval_users = effective_eval_users(opts.eval_users, len(split.test))  # all users: the full protocol
         self.test = subsample_users(split.test, opts.eval_users)
         kind, _ = parse_protocol(opts.candidates)
         valid_protocol = "full" if kind == "retrieved" else opts.candidates
+        self.candidates_source: str | None = None  # retrieved candidates: the retriever unit's key and rankings digest
         self.valid_candidates = build_candidates(valid_protocol, split, split.valid, cache_dir=self.store.cache_dir)
         self.test_candidates = build_candidates(
             opts.candidates, split, self.test, cache_dir=self.store.cache_dir, retrieved_loader=self._retrieved
@@ -232,20 +240,22 @@ class Runner:
         # a random suffix keeps two runs started in the same second apart
         return f"{stamp}-{name}-{self.opts.protocol_label}-{secrets.token_hex(2)}"
 
-    def _retrieved(self, method: str, k: int) -> dict[int, list[int]]:
+    def _retrieved(self, method: str, k: int) -> Retrieved:
+        """The most recently written full-ranking unit of `method` on this split, and its identity."""
         best: UnitFiles | None = None
         for unit in self.store.finished_units():
             cfg = unit.config
             if cfg.get("label") == method and cfg.get("split_fingerprint") == self.split.fingerprint and cfg.get(
                 "candidates"
-            ) == "full":
+            ) == "full" and (best is None or _written_at(unit) >= _written_at(best)):
                 best = unit
         if best is None:
             raise ConfigError(
                 f"retrieved:{method}:{k} needs a finished {method} run on this split; run "
                 f"`python -m benchmark run --methods {method} --dataset {self.split.dataset}` first"
             )
-        return best.rankings()
+        self.candidates_source = f"{best.config['key']}:{sha256_file(best.path / 'rankings.jsonl')}"
+        return Retrieved(self.candidates_source, best.rankings())
 
     def load_dataset(self, spec: str) -> Split:
         """Another dataset under this run's split protocol and k-core (CALRec's stage 1)."""
@@ -307,7 +317,7 @@ class Runner:
             "llm": self.opts.llm if getattr(cls, "uses_llm", False) else None,
             "seed": seed,
             "split": self.split.fingerprint,
-            "candidates": self.opts.candidates,
+            "candidates": self.opts.candidates + (f"@{self.candidates_source}" if self.candidates_source else ""),
             "users": self.opts.eval_users,
             "k": self.opts.k,
         }
@@ -414,6 +424,7 @@ class Runner:
             "split": self.split.protocol,
             "split_fingerprint": self.split.fingerprint,
             "candidates": self.opts.candidates,
+            "candidates_source": self.candidates_source,
             "protocol": self.opts.protocol_label,
             "eval_users": self.opts.eval_users,
             "k": self.opts.k,
@@ -427,10 +438,12 @@ class Runner:
     # -- the whole run -----------------------------------------------------------------
     def run(self) -> list[UnitOutcome]:
         opts = self.opts
-        recipes = {}
+        settings = {}
         for name in opts.methods:  # every name and override is checked before anything is written
             resolved = self.resolve(name)
-            recipes[resolved.label] = resolved.to_dict()
+            llm = opts.llm if getattr(resolved.cls, "uses_llm", False) else None
+            settings[resolved.label] = {"params": params_dict(resolved.params), "llm": llm,
+                                        "recipe": resolved.to_dict()}
         meta = {
             "run_id": self.run_id,
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -439,6 +452,7 @@ class Runner:
             "split_config": self.split.config,
             "split_fingerprint": self.split.fingerprint,
             "candidates": opts.candidates,
+            "candidates_source": self.candidates_source,
             "protocol": opts.protocol_label,
             "eval_users": opts.eval_users,
             "n_test_users": int(len(self.test)),
@@ -453,28 +467,33 @@ class Runner:
             "seeds": opts.seeds,
             "overrides": opts.overrides,
             "budget": opts.budget,
-            "recipes": recipes,
+            "recipes": {label: value["recipe"] for label, value in settings.items()},
             "llm": opts.llm,
             "manifest": manifest(self.device),
             "status": "running",
             "stages": {},
         }
+        # an existing run must be of this dataset, protocol and data, and keep one configuration per label
+        check_run_target(self.store, self.run_id, meta)
+        check_label_settings(self.store, self.run_id, settings, opts.seeds)
         previous = self.store.run_dir(self.run_id) / "run.json"
-        if previous.is_file():  # resuming: keep what the earlier attempt recorded
-            old = self.store.run_meta(self.run_id)
-            meta["stages"] = old.get("stages", {})
-            meta["created"] = old.get("created", meta["created"])
+        if previous.is_file():  # a rerun or resume: merge with what the run already holds
+            meta = merge_run_meta(self.store.run_meta(self.run_id), meta, list(settings))
         self.store.start_run(self.run_id, meta)
         outcomes: list[UnitOutcome] = []
-        for name in opts.methods:
-            for seed in opts.seeds:
-                t0 = time.perf_counter()
-                outcome = self.run_unit(name, seed)
-                outcomes.append(outcome)
-                meta["stages"][f"{outcome.label}/seed-{seed}"] = {
-                    "wall_s": round(time.perf_counter() - t0, 3),
-                    "reused": outcome.reused,
-                }
-                self.store.update_run(self.run_id, stages=meta["stages"])
+        try:
+            for name in opts.methods:
+                for seed in opts.seeds:
+                    t0 = time.perf_counter()
+                    outcome = self.run_unit(name, seed)
+                    outcomes.append(outcome)
+                    meta["stages"][f"{outcome.label}/seed-{seed}"] = {
+                        "wall_s": round(time.perf_counter() - t0, 3),
+                        "reused": outcome.reused,
+                    }
+                    self.store.update_run(self.run_id, stages=meta["stages"])
+        except BaseException as exc:
+            self.store.record_failure(self.run_id, exc)
+            raise
         self.store.update_run(self.run_id, status="finished", peak_memory=peak_memory_mb(self.device))
         return outcomes

@@ -97,11 +97,14 @@ def test_interrupted_run_resumes_with_finished_units_kept(split, tmp_path, monke
     store = RunStore(tmp_path / "runs")
     assert (store.unit_dir("r1", "pop", 0) / "metrics.json").is_file()
     assert not store.unit_dir("r1", "crash", 0).exists()  # nothing half-written
-    assert json.loads((store.run_dir("r1") / "run.json").read_text())["status"] == "running"
+    meta = json.loads((store.run_dir("r1") / "run.json").read_text())
+    assert (meta["status"], meta["error"]) == ("failed", "Boom")  # never left "running"
     monkeypatch.setattr(runner_mod, "get_method", real)
     _, outcomes = run(split, tmp_path, ["pop", "random"], run_id="r1")
     assert [o.reused for o in outcomes] == [True, False]
-    assert json.loads((store.run_dir("r1") / "run.json").read_text())["status"] == "finished"
+    meta = json.loads((store.run_dir("r1") / "run.json").read_text())
+    assert meta["status"] == "finished" and "error" not in meta
+    assert meta["methods"] == ["pop", "crash", "random"] and set(meta["stages"]) == {"pop/seed-0", "random/seed-0"}
 
 
 def test_sampled_candidates_contain_target_and_no_seen_items(split, tmp_path):

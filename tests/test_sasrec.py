@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import baselines.sasrec as sasrec
+from benchmark.errors import ConfigError
 from benchmark.ranking import rank_by_scores
 from benchmark.registry import RunContext
 from benchmark.types import PAD, CandidateSet, Catalog, EvalSet, RankedLists, RankRequest, TrainData
@@ -350,15 +351,39 @@ def test_time_budget_stops_after_one_epoch(planted):
     assert (notes["epochs_run"], notes["best_epoch"], notes["stopped_by"]) == (1, 1, "max_train_seconds")
 
 
-def test_bad_params_and_unfitted_rank_raise(planted):
-    from benchmark.config import resolve_params
-    from benchmark.errors import ConfigError
+@pytest.mark.parametrize(
+    "setting, message",
+    [
+        ("loss=hinge", "sasrec.loss='hinge': must be one of ce, bce"),
+        ("hidden=10 heads=3", "hidden (10) must be divisible by heads (3)"),
+        ("epochs=0", "sasrec.epochs=0: must be >= 1"),
+        ("patience=-1", "sasrec.patience=-1: must be >= 1"),
+        ("lr=-1", "sasrec.lr=-1.0: must be > 0"),
+        ("lr=nan", "sasrec.lr=nan: must be a finite number"),
+        ("dropout=1", "sasrec.dropout=1.0: must be >= 0 and < 1"),
+        ("device=tpu", "sasrec.device=tpu: unknown device"),
+    ],
+)
+def test_bad_params_are_rejected_when_resolved(setting, message):
+    from benchmark.config import parse_sets
+    from benchmark.runner import resolve_method
 
+    with pytest.raises(ConfigError) as err:
+        resolve_method("sasrec", parse_sets([f"sasrec.{kv}" for kv in setting.split()]))
+    assert message in str(err.value)
+
+
+def test_the_v1_preset_keeps_the_bounds_of_the_fields_it_redefines():
+    from benchmark.config import parse_sets
+    from benchmark.runner import resolve_method
+
+    assert resolve_method("sasrec_v1", {}).params.epochs == 200
+    with pytest.raises(ConfigError, match="sasrec_v1.epochs=0: must be >= 1"):
+        resolve_method("sasrec_v1", parse_sets(["sasrec_v1.epochs=0"]))
+
+
+def test_unfitted_rank_raises(planted):
     _, test = planted
-    with pytest.raises(ConfigError, match="loss"):
-        resolve_params("sasrec", sasrec.SASRecParams, {"sasrec": {"loss": "hinge"}})
-    with pytest.raises(ValueError):
-        sasrec.SASRecParams(hidden=10, heads=3)
     method = sasrec.SASRec(_params(), _ctx(planted[0]))
     with pytest.raises(Exception, match="before fit"):
         method.rank(_full(test))

