@@ -9,7 +9,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from benchmark.errors import StoreError
-from benchmark.leaderboard import UnitResult, build_leaderboard, compare_units, write_leaderboard
+from benchmark.compare import compare_units
+from benchmark.leaderboard import UnitResult, build_leaderboard
+from benchmark.render import write_leaderboard
 from benchmark.store import RunStore, UnitFiles
 
 

@@ -9,13 +9,9 @@ import pandas as pd
 import pytest
 
 from benchmark.errors import ConfigError, StoreError
-from benchmark.leaderboard import (
-    UnitResult,
-    build_leaderboard,
-    compare_units,
-    render_markdown,
-    write_leaderboard,
-)
+from benchmark.compare import compare_units
+from benchmark.leaderboard import UnitResult, build_leaderboard
+from benchmark.render import render_markdown, write_leaderboard
 from benchmark.scoring.stats import holm, randomization_tests
 
 N_USERS = 200
