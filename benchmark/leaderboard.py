@@ -20,7 +20,15 @@ import pandas as pd
 
 from benchmark.errors import ConfigError, StoreError
 from benchmark.scoring.metrics import parse_metric
-from benchmark.scoring.stats import CORRECTIONS, TESTS, PairResult, align, bootstrap_cis, compare_families
+from benchmark.scoring.stats import (
+    CORRECTIONS,
+    TESTS,
+    PairResult,
+    align,
+    bootstrap_cis,
+    check_permutations,
+    compare_families,
+)
 
 DEFAULT_METRICS = ("ndcg@10", "hr@10", "mrr@10")
 
@@ -195,6 +203,7 @@ def build_leaderboard(
         raise ConfigError(f"unknown correction {correction!r}; use one of {', '.join(CORRECTIONS)}")
     if not 0.0 < alpha < 1.0:
         raise ConfigError(f"alpha must lie in (0, 1), got {alpha}")
+    check_permutations(n_permutations)
 
     ordered = sorted(units, key=lambda u: (u.label, u.seed, u.run_id))
     seen: dict[tuple[str, int], str] = {}

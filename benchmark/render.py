@@ -18,6 +18,7 @@ from tabulate import tabulate
 
 from benchmark.leaderboard import Leaderboard, LeaderboardRow
 from benchmark.plots import render_png
+from benchmark.scoring.power import POWER
 from benchmark.store import atomic_write_bytes
 
 _SUPERSCRIPT = dict(zip(string.ascii_lowercase, "ᵃᵇᶜᵈᵉᶠᵍʰⁱʲᵏˡᵐⁿᵒᵖ𐞥ʳˢᵗᵘᵛʷˣʸᶻ"))
@@ -34,6 +35,23 @@ def format_p(p: float) -> str:
     if p is None or (isinstance(p, float) and math.isnan(p)):
         return "—"
     return f"{p:.4f}" if p >= 1e-4 else f"{p:.1e}"
+
+
+def format_mde(mde: float, underpowered: bool) -> str:
+    """The MDE with a dagger when the observed difference is below it (underpowered)."""
+    if mde is None or not math.isfinite(mde):
+        return "—"
+    return f"{mde:.4f}" + (" †" if underpowered else "")
+
+
+def mde_sentence(alpha: float) -> str:
+    """The legend of the MDE column: what it is, how it is computed, what † means."""
+    return (
+        f"MDE: the smallest |Δ| that a paired two-sided t-test at alpha = {alpha:g} (uncorrected) detects with "
+        f"{100 * POWER:g}% power, from the observed sd of Δ over the n users (exact noncentral t); "
+        "† = underpowered: the observed |Δ| is below its MDE, so \"not significant\" there does not mean "
+        "\"no difference\"."
+    )
 
 
 def _fmt_seconds(s: float | None) -> str:
@@ -127,12 +145,13 @@ def render_markdown(lb: Leaderboard) -> str:
                 format_p(pr.p_adjusted),
                 f"{pr.effect_size:+.3f}",
                 f"{pr.wins}/{pr.ties}/{pr.losses}",
+                format_mde(pr.mde, pr.underpowered),
                 "yes" if pr.significant else "no",
             ]
         )
     corr_col = "p corrected" if lb.correction == "none" else f"p {_CORRECTION_NAMES[lb.correction]}"
     pair_cols = ["A", "B", "Δ = A − B", f"{conf} CI of Δ", "p randomization", "p t-test", corr_col]
-    pair_cols += ["Effect size", "W/T/L", "Significant"]
+    pair_cols += ["Effect size", "W/T/L", f"MDE ({100 * POWER:g}% power)", "Significant"]
     if pair_rows:
         lines.append(tabulate(pair_rows, headers=pair_cols, tablefmt="github", disable_numparse=True))
     else:
@@ -140,7 +159,7 @@ def render_markdown(lb: Leaderboard) -> str:
     lines += [
         "",
         f"Corrected p uses the {'randomization' if lb.test == 'randomization' else 't-test'} p-values. "
-        "Effect size: mean(Δ) / sd(Δ) over users. W/T/L: users where A wins / ties / loses.",
+        "Effect size: mean(Δ) / sd(Δ) over users. W/T/L: users where A wins / ties / loses. " + mde_sentence(lb.alpha),
         "",
         "## Runs",
         "",
