@@ -17,7 +17,7 @@ import numpy as np
 from tabulate import tabulate
 
 from benchmark.leaderboard import Leaderboard, LeaderboardRow
-from benchmark.plots import render_png
+from benchmark.plots import render_cost_png, render_png
 from benchmark.scoring.power import POWER
 from benchmark.store import atomic_write_bytes
 
@@ -94,6 +94,7 @@ def _significance_sentence(lb: Leaderboard) -> str:
 
 def render_markdown(lb: Leaderboard) -> str:
     conf = f"{100 * lb.confidence:g}%"
+    stem = leaderboard_stem(lb.dataset, lb.protocol)
     lines = [f"# Leaderboard: {lb.dataset} — {lb.protocol}", ""]
     for key, value in lb.header.items():
         lines.append(f"- **{key}**: {_fmt_header_value(value)}")
@@ -160,6 +161,8 @@ def render_markdown(lb: Leaderboard) -> str:
         "",
         f"Corrected p uses the {'randomization' if lb.test == 'randomization' else 't-test'} p-values. "
         "Effect size: mean(Δ) / sd(Δ) over users. W/T/L: users where A wins / ties / loses. " + mde_sentence(lb.alpha),
+        "",
+        f"Quality against cost (training + evaluation time): [{stem}-cost.png]({stem}-cost.png).",
         "",
         "## Runs",
         "",
@@ -242,7 +245,7 @@ def leaderboard_stem(dataset: str, protocol: str) -> str:
 
 
 def write_leaderboard(lb: Leaderboard, out_dir: Path, png: bool = True) -> list[Path]:
-    """Write <dataset>-<protocol>.md, .json and .png atomically; returns their paths."""
+    """Write <dataset>-<protocol>.md, .json, .png and -cost.png atomically; returns their paths."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = leaderboard_stem(lb.dataset, lb.protocol)
@@ -252,7 +255,7 @@ def write_leaderboard(lb: Leaderboard, out_dir: Path, png: bool = True) -> list[
     atomic_write_bytes(json_path, text.encode("utf-8"))
     paths = [md_path, json_path]
     if png:
-        png_path = out_dir / f"{stem}.png"
-        atomic_write_bytes(png_path, render_png(lb))
-        paths.append(png_path)
+        for path, draw in ((out_dir / f"{stem}.png", render_png), (out_dir / f"{stem}-cost.png", render_cost_png)):
+            atomic_write_bytes(path, draw(lb))
+            paths.append(path)
     return paths
