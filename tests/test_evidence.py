@@ -66,8 +66,12 @@ def test_evidence_holds_every_row_compressed_with_config_metrics_manifest_and_fi
         assert sorted(p.name for p in unit_dir.iterdir()) == [
             "config.json", "metrics.json", "per_user.jsonl.gz", "rankings.jsonl.gz"]
         run_store_unit = published / "runs" / entry["run_id"] / entry["label"] / "seed-0"
-        for name in ("per_user.jsonl", "rankings.jsonl"):  # the run store's files, compressed
-            assert gzip.decompress((unit_dir / f"{name}.gz").read_bytes()) == (run_store_unit / name).read_bytes()
+        per_user = gzip.decompress((unit_dir / "per_user.jsonl.gz").read_bytes())
+        assert per_user == (run_store_unit / "per_user.jsonl").read_bytes()  # the run store's file, compressed
+        rankings = [json.loads(line) for line in gzip.decompress((unit_dir / "rankings.jsonl.gz").read_bytes()).splitlines()]
+        stored = [json.loads(line) for line in (run_store_unit / "rankings.jsonl").read_text().splitlines()]
+        assert rankings == [{k: v for k, v in row.items() if k != "scores"} for row in stored]  # ids, no scores
+        assert len(rankings) == 300 and set(rankings[0]) == {"user", "uid", "target", "items"}
         for name in ("config.json", "metrics.json"):  # copied whole
             assert (unit_dir / name).read_bytes() == (run_store_unit / name).read_bytes()
         run = json.loads((folder / "runs" / f"{entry['run_id']}.json").read_text())
