@@ -228,17 +228,61 @@ def test_a_per_user_value_out_of_range_is_refused(published, board, tmp_path, ca
     assert snapshot(board) == before
 
 
-def test_deleting_users_from_every_unit_is_refused(published, board, tmp_path, capsys):
+@pytest.mark.parametrize("where", ["local", "published"])
+def test_deleting_users_from_every_unit_is_refused(published, board, tmp_path, capsys, where):
     runs = tmp_path / "runs"
-    shutil.copytree(published / "runs", runs)
-    for path in runs.glob("*/*/seed-0/per_user.jsonl"):
-        lines = path.read_text().splitlines(keepends=True)
-        path.write_text("".join(lines[30:]))
-    shutil.rmtree(board)  # no published evidence either: only the run store speaks
+    if where == "local":
+        shutil.copytree(published / "runs", runs)
+        for path in runs.glob("*/*/seed-0/per_user.jsonl"):
+            lines = path.read_text().splitlines(keepends=True)
+            path.write_text("".join(lines[30:]))
+        shutil.rmtree(board)  # no published evidence either: only the run store speaks
+    else:
+        for path in (board / STEM / "units").glob("*/seed-0/*.jsonl.gz"):
+            _edit_gz(path, lambda rows: rows[30:])
+    before = snapshot(board) if board.exists() else None
     code, _, err = cli(capsys, runs, "leaderboard", "--dataset", "synthetic", "--leaderboards", str(board))
     line = one_error_line(err)
     assert code == 2 and "holds 270 users but its run evaluated 300" in line
-    assert not board.exists()
+    assert (snapshot(board) if board.exists() else None) == before
+    if where == "published":  # the same files fail verify too
+        code, _, err = cli(capsys, runs, "verify", "--leaderboards", str(board))
+        assert code == 2 and "holds 270 users" in one_error_line(err)
+
+
+def test_verify_checks_the_leaderboard_json_against_the_per_user_values(board, tmp_path, capsys):
+    path = board / f"{STEM}.json"
+    data = json.loads(path.read_text())
+    data["rows"][0]["metrics"]["ndcg@10"]["mean"] += 0.05
+    path.write_text(json.dumps(data))
+    code, _, err = cli(capsys, tmp_path / "runs", "verify", str(path))
+    line = one_error_line(err)
+    assert code == 2 and f"row {data['rows'][0]['label']!r} shows ndcg@10 mean" in line
+
+
+def test_an_eval_users_subsample_and_sampled_candidates_are_published_and_merged(tmp_path, capsys):
+    from benchmark.data.split import prepare_split
+    from benchmark.runner import subsample_users
+
+    board = tmp_path / "lb"
+    args = ["--dataset", "synthetic", "--quiet", "--eval-users", "40", "--candidates", "sampled:15",
+            "--publish", "--leaderboards", str(board)]
+    assert cli(capsys, tmp_path / "runs-a", "run", "--methods", "pop", *args)[0] == 0
+    folder = board / "synthetic-loo-sampled_15-u40"
+    index = read_evidence(folder).index
+    split = prepare_split("synthetic", cache_dir=tmp_path / "runs-a" / ".cache")
+    subsample = {split.user_ids[int(u)] for u in subsample_users(split.test, 40).users}
+    per_user = read_evidence(folder).units[0].per_user()
+    assert set(per_user["user"]) == subsample and index["n_users"] == 40 and index["eval_users"] == 40
+    assert index["candidates"] == "sampled:15"
+    # another machine (a fresh run store) rebuilds the same seeded candidates: same fingerprint, rows merge
+    code, _, err = cli(capsys, tmp_path / "runs-b", "run", "--methods", "random", *args)
+    assert code == 0, err
+    assert read_evidence(folder).index["candidate_fingerprint"] == index["candidate_fingerprint"]
+    assert {u.label for u in read_evidence(folder).units} == {"pop", "random"}
+    code, out, err = cli(capsys, tmp_path / "runs-b", "verify", str(folder), "--check-split")
+    assert code == 0, err
+    assert "40 test users and their targets match" in out
 
 
 def test_means_that_do_not_match_metrics_json_are_refused(published, tmp_path, capsys):
