@@ -116,12 +116,12 @@ def test_new_user_on_a_clean_clone_gets_every_committed_row_plus_theirs(publishe
     assert "verified 1 leaderboard(s)" in out and "300 test users and their targets match" in out
 
 
-def test_republishing_unchanged_results_leaves_every_byte_alone(published, board, capsys):
+def test_republishing_unchanged_results_leaves_every_byte_alone(published, board, tmp_path, capsys):
     before = snapshot(board)
-    code, _, err = cli(capsys, published / "runs", "leaderboard", "--dataset", "synthetic",
-                       "--leaderboards", str(board), "--quiet")
-    assert code == 0, err
-    assert snapshot(board) == before
+    for runs in (published / "runs", tmp_path / "empty-runs"):  # the publisher's store, and a clone's (none)
+        code, _, err = cli(capsys, runs, "leaderboard", "--dataset", "synthetic", "--leaderboards", str(board), "--quiet")
+        assert code == 0, err
+        assert snapshot(board) == before
 
 
 def test_a_different_split_fingerprint_is_refused_with_nothing_written(board, tmp_path, capsys):
