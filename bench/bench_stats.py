@@ -65,7 +65,8 @@ def time_leaderboard(n_users: int, n_labels: int, n_permutations: int) -> None:
     import numpy as np
     import pandas as pd
 
-    from benchmark.leaderboard import UnitResult, build_leaderboard, write_leaderboard
+    from benchmark.leaderboard import UnitResult, build_leaderboard
+    from benchmark.render import write_leaderboard
 
     users = [f"u{i}" for i in range(n_users)]
     units = []

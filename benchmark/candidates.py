@@ -83,6 +83,31 @@ def sampled_candidates(split: Split, evalset: EvalSet, n: int, sampler: str, see
     return out
 
 
+def stored_path(
+    cache_dir: Path, split_fingerprint: str, protocol: str, users: np.ndarray, targets: np.ndarray, seed: int = 0,
+    source: str | None = None,
+) -> Path:
+    """Where a non-full candidate set for these test users (and targets) is stored under the cache;
+    `source` names the retriever fit of retrieved candidates (a retrained retriever: new candidates)."""
+    digest = hashlib.sha256(json.dumps([split_fingerprint, protocol, seed] + ([source] if source else [])).encode())
+    digest.update(np.ascontiguousarray(users, dtype=np.int64).tobytes())
+    digest.update(np.ascontiguousarray(targets, dtype=np.int64).tobytes())
+    return Path(cache_dir) / "candidates" / f"{digest.hexdigest()[:16]}.npz"
+
+
+def candidate_fingerprint(protocol: str, split_fingerprint: str, users=None, items=None) -> str:
+    """Names a candidate set: for `full` (every unseen item) a hash of the split fingerprint and the
+    protocol, which determine it; otherwise a hash of the protocol and the stored arrays."""
+    if items is None:
+        if parse_protocol(protocol)[0] != "full":
+            raise StoreError(f"candidate protocol {protocol!r} needs its stored candidate arrays to be fingerprinted")
+        return hashlib.sha256(json.dumps([split_fingerprint, protocol]).encode()).hexdigest()[:16]
+    digest = hashlib.sha256(json.dumps([protocol]).encode())
+    digest.update(np.ascontiguousarray(users, dtype=np.int64).tobytes())
+    digest.update(np.ascontiguousarray(items, dtype=np.int64).tobytes())
+    return digest.hexdigest()[:16]
+
+
 def build_candidates(
     protocol: str,
     split: Split,
@@ -102,11 +127,8 @@ def build_candidates(
             raise ConfigError(f"{protocol}: retrieved candidates need a run store with a finished {args[0]} run")
         retrieved = retrieved_loader(args[0], int(args[1]))
     source = None if retrieved is None else retrieved.source
-    digest = hashlib.sha256(json.dumps([split.fingerprint, protocol, seed] + ([source] if source else [])).encode())
-    digest.update(np.ascontiguousarray(evalset.users, dtype=np.int64).tobytes())
-    digest.update(np.ascontiguousarray(evalset.targets, dtype=np.int64).tobytes())
-    key = digest.hexdigest()[:16]
-    path = None if cache_dir is None else Path(cache_dir) / "candidates" / f"{key}.npz"
+    path = None if cache_dir is None else stored_path(
+        cache_dir, split.fingerprint, protocol, evalset.users, evalset.targets, seed, source=source)
     if path is not None and path.is_file():
         with np.load(path) as z:
             return CandidateSet(protocol, z["users"], z["items"], True)

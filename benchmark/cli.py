@@ -1,4 +1,4 @@
-"""`python -m benchmark VERB ...`: list, data prepare|fetch, run, leaderboard, compare, runs.
+"""`python -m benchmark VERB ...`: list, data prepare|fetch, run, leaderboard, compare, verify, runs.
 
 Every BenchmarkError, and every OSError (with its path, the errno's meaning and what to do),
 becomes one line on stderr and exit code 2.
@@ -165,6 +165,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     )
     split = _prepare(args)
     check_k_fits_catalog(args.k, split.n_items)
+    if args.publish:  # a split the published leaderboard was not made on is refused before any training
+        from benchmark.publish import check_publishable
+        from benchmark.runner import method_label
+
+        check_publishable(Path(args.leaderboards), split.dataset, opts.protocol_label, split.fingerprint,
+                          [method_label(name) for name in methods], **_replace_args(args))
     runner = Runner(opts, split)
     if args.eval_users is not None and opts.eval_users is None:
         print(f"note: --eval-users {args.eval_users} covers all {len(split.test)} test users; "
@@ -188,7 +194,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.publish:
         from benchmark.publish import publish
 
-        for path in publish(runner.store, split.dataset, opts.protocol_label, out_dir=Path(args.leaderboards)):
+        test_users = {split.user_ids[int(u)] for u in runner.test.users}
+        for path in publish(runner.store, split.dataset, opts.protocol_label, out_dir=Path(args.leaderboards),
+                            expected_users=test_users, **_replace_args(args)):
             print(f"leaderboard: {path}")
     return 0
 
@@ -201,6 +209,20 @@ def _metrics_and_permutations(args: argparse.Namespace) -> tuple[str, ...]:
         raise ConfigError(f"--permutations {args.permutations}: give a positive number of permutations "
                           "(default 10000)")
     return metrics
+
+
+def _replace_args(args: argparse.Namespace) -> dict:
+    """--replace/--replace-all and a stderr printer for what the merge with published rows did."""
+    from benchmark.merge import parse_replace
+
+    return {"replace": parse_replace(args.replace), "replace_all": args.replace_all,
+            "note": lambda line: print(line, file=sys.stderr)}
+
+
+def _add_replace_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--replace", default=None, metavar="LABEL[,LABEL]",
+                   help="local rows that replace the published rows of the same label")
+    p.add_argument("--replace-all", action="store_true", help="every local row replaces the published row of its label")
 
 
 def cmd_leaderboard(args: argparse.Namespace) -> int:
@@ -218,6 +240,7 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
         test=args.test,
         n_permutations=args.permutations,
         alpha=args.alpha,
+        **_replace_args(args),
     )
     for path in paths:
         print(path)
@@ -237,6 +260,22 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
     metrics = _metrics_and_permutations(args)
     print(compare_refs(_runs_dir_store(args), args.a, args.b, metrics=metrics, n_permutations=args.permutations))
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from benchmark.verify import evidence_folders, verify_folder
+
+    folders = evidence_folders(args.path, Path(args.leaderboards), args.dataset, args.protocol)
+    for folder in folders:
+        for line in verify_folder(folder, check_data=args.check_split, cache_dir=_runs_dir(args) / ".cache",
+                                  data_dir=args.data_dir):
+            print(line)
+    if args.path is None and args.dataset is None:
+        for md in sorted(Path(args.leaderboards).glob("*.md")):
+            if md.name != "README.md" and md.with_suffix("") not in folders:
+                print(f"skip {md}: published without evidence (before evidence was kept); nothing to verify")
+    print(f"verified {len(folders)} leaderboard(s)")
     return 0
 
 
@@ -299,6 +338,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--run-id", default=None, help="write into (or resume) this run id")
     s.add_argument("--publish", action="store_true", help="refresh the leaderboard of this dataset and protocol")
     s.add_argument("--leaderboards", default="leaderboards", help="where --publish writes")
+    _add_replace_args(s)
     s.add_argument("--quiet", action="store_true", help="no progress bars")
     s.set_defaults(func=cmd_run)
 
@@ -312,6 +352,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--permutations", type=int, default=10_000)
     s.add_argument("--alpha", type=float, default=0.05)
     s.add_argument("--leaderboards", default="leaderboards")
+    _add_replace_args(s)
     s.add_argument("--quiet", action="store_true")
     s.set_defaults(func=cmd_leaderboard)
 
@@ -321,6 +362,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--metrics", default="ndcg@10,hr@10,mrr@10,ndcg@20,hr@20")
     s.add_argument("--permutations", type=int, default=10_000)
     s.set_defaults(func=cmd_compare)
+
+    s = sub.add_parser("verify", help="recompute every published row from its evidence and check it")
+    s.add_argument("path", nargs="?", type=Path, default=None, help="an evidence folder or a leaderboard .md/.json")
+    s.add_argument("--dataset", default=None, help="with --protocol: the leaderboard of this dataset")
+    s.add_argument("--protocol", default=None, help="protocol label, e.g. loo-full, loo-full-u100")
+    s.add_argument("--leaderboards", default="leaderboards")
+    s.add_argument("--check-split", action="store_true",
+                   help="also split the dataset here and check the test users and targets against it")
+    s.add_argument("--data-dir", type=Path, default=None, help="with --check-split: the dataset's raw files")
+    s.set_defaults(func=cmd_verify)
 
     s = sub.add_parser("runs", help="list runs in the store")
     s.set_defaults(func=cmd_runs)

@@ -23,3 +23,12 @@ class ModelLoadError(BenchmarkError):
 
 class MethodError(BenchmarkError):
     """A method returned an invalid ranking (duplicates, unseen users, items outside candidates)."""
+
+
+class IntegrityError(StoreError):
+    """A stored or published result fails a check: a value out of range, users missing, means that do not
+    match the per-user values, or metrics that its rankings do not reproduce."""
+
+
+class PublishConflict(StoreError):
+    """Local results clash with a published leaderboard (same label, or another split or candidate set)."""

@@ -1,7 +1,8 @@
-"""Leaderboards from finished evaluations: tables, significance markers, JSON and a plot.
+"""Building a leaderboard from finished evaluations: rows, CIs, paired tests and markers.
 
-Input is a list of `UnitResult` (one per method label and seed, as the run store loads
-them). Seeds of one label are combined by averaging each user's value over seeds; the
+Rendering lives in `benchmark.render` (markdown, JSON, files) and `benchmark.plots` (PNGs);
+one pair in full detail in `benchmark.compare`. Input is a list of `UnitResult` (one per
+method label and seed, as the run store loads them). Seeds of one label are combined by averaging each user's value over seeds; the
 paired tests, bootstrap CIs and markers run on those averaged per-user vectors, and the
 spread across seeds is reported beside them. Every label must cover the identical user
 set (a StoreError otherwise). Output is deterministic: same units in, same bytes out.
@@ -9,20 +10,14 @@ set (a StoreError otherwise). Output is deterministic: same units in, same bytes
 
 from __future__ import annotations
 
-import io
-import json
 import math
-import re
 import string
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 import numpy as np
 import pandas as pd
-from tabulate import tabulate
 
-from benchmark.store import atomic_write_bytes
 from benchmark.errors import ConfigError, StoreError
 from benchmark.scoring.metrics import parse_metric
 from benchmark.scoring.stats import (
@@ -31,17 +26,11 @@ from benchmark.scoring.stats import (
     PairResult,
     align,
     bootstrap_cis,
+    check_permutations,
     compare_families,
-    effect_size,
-    paired_t_test,
-    randomization_tests,
-    win_tie_loss,
 )
 
 DEFAULT_METRICS = ("ndcg@10", "hr@10", "mrr@10")
-_SUPERSCRIPT = dict(zip(string.ascii_lowercase, "ᵃᵇᶜᵈᵉᶠᵍʰⁱʲᵏˡᵐⁿᵒᵖ𐞥ʳˢᵗᵘᵛʷˣʸᶻ"))
-_TEST_NAMES = {"randomization": "paired two-sided randomization (sign-flip) test", "t": "paired two-sided t-test"}
-_CORRECTION_NAMES = {"holm": "Holm", "bh": "Benjamini-Hochberg", "none": "no"}
 
 
 @dataclass
@@ -108,6 +97,15 @@ def unit_note(metrics: dict) -> str:
     return "; ".join(parts)
 
 
+def row_notes(group: list) -> list[str]:
+    """The notes of a label's units: one line when every seed says the same, else one per seed."""
+    notes = [(u.seed, unit_note(u.metrics)) for u in group]
+    distinct = {n for _, n in notes if n}
+    if len(distinct) <= 1:
+        return sorted(distinct)
+    return [f"seed {seed}: {n}" for seed, n in notes if n]
+
+
 @dataclass
 class Leaderboard:
     dataset: str
@@ -133,9 +131,6 @@ class Leaderboard:
         raise KeyError(label)
 
 
-# ----------------------------------------------------------------------------- building
-
-
 def _letters(n: int) -> list[str]:
     out = []
     for i in range(n):
@@ -149,11 +144,13 @@ def _letters(n: int) -> list[str]:
     return out
 
 
-def _unit_name(unit: UnitResult) -> str:
+def unit_name(unit: UnitResult) -> str:
+    """How errors and the pair view name one unit."""
     return f"{unit.label} (seed {unit.seed}, run {unit.run_id})"
 
 
-def _series(unit: UnitResult, metric: str) -> pd.Series:
+def unit_series(unit: UnitResult, metric: str) -> pd.Series:
+    """One metric of a unit as a Series indexed by raw user id."""
     frame = unit.per_user
     if not isinstance(frame, pd.DataFrame) or "user" not in frame.columns:
         raise StoreError(
@@ -208,6 +205,7 @@ def build_leaderboard(
         raise ConfigError(f"unknown correction {correction!r}; use one of {', '.join(CORRECTIONS)}")
     if not 0.0 < alpha < 1.0:
         raise ConfigError(f"alpha must lie in (0, 1), got {alpha}")
+    check_permutations(n_permutations)
 
     ordered = sorted(units, key=lambda u: (u.label, u.seed, u.run_id))
     seen: dict[tuple[str, int], str] = {}
@@ -232,7 +230,7 @@ def build_leaderboard(
     seed_means: dict[str, dict[str, list[float]]] = {lab: {} for lab in labels}
     n_users = 0
     for m in metrics:
-        users, matrix = align({_unit_name(u): _series(u, m) for u in ordered})
+        users, matrix = align({unit_name(u): unit_series(u, m) for u in ordered})
         n_users = len(users)
         rows, start = [], 0
         for lab in labels:
@@ -281,7 +279,7 @@ def build_leaderboard(
                 train_cached=any(bool(u.metrics.get("train_cached")) for u in group),
                 eval_time_s=_mean_of([u.metrics.get("eval_time_s") for u in group]),
                 validity=_mean_of([u.metrics.get("validity") for u in group]),
-                notes=_row_notes(group),
+                notes=row_notes(group),
             )
         )
     by_name = {r.label: r for r in rows}
@@ -312,308 +310,3 @@ def build_leaderboard(
         rows=rows,
         pairs=families,
     )
-
-
-# ----------------------------------------------------------------------------- rendering
-
-
-def _sup(letters: list[str]) -> str:
-    return "".join("".join(_SUPERSCRIPT.get(ch, ch) for ch in name) for name in letters)
-
-
-def _fmt_p(p: float) -> str:
-    if p is None or (isinstance(p, float) and math.isnan(p)):
-        return "—"
-    return f"{p:.4f}" if p >= 1e-4 else f"{p:.1e}"
-
-
-def _fmt_seconds(s: float | None) -> str:
-    return "—" if s is None else f"{s:.1f}"
-
-
-def _fmt_header_value(value: Any) -> str:
-    if isinstance(value, dict):
-        return ", ".join(f"{k}: {_fmt_header_value(v)}" for k, v in value.items())
-    if isinstance(value, (list, tuple)):
-        return ", ".join(_fmt_header_value(v) for v in value)
-    if isinstance(value, float):
-        return f"{value:.6g}"
-    return str(value)
-
-
-def _metric_cell(row: LeaderboardRow, metric: str, bold: bool) -> str:
-    mean = f"{row.mean[metric]:.4f}"
-    text = f"**{mean}**" if bold else mean
-    sd = row.seed_sd[metric]
-    if sd is not None:
-        text += f" ± {sd:.4f}"
-    lo, hi = row.ci[metric]
-    text += f" [{lo:.4f}, {hi:.4f}]"
-    return text + _sup(row.beats.get(metric, []))
-
-
-def _significance_sentence(lb: Leaderboard) -> str:
-    test = _TEST_NAMES[lb.test]
-    if lb.test == "randomization":
-        test += f" ({lb.n_permutations:,} permutations, seed {lb.seed}, p = (b+1)/(P+1))"
-    family = "every pair of methods" if lb.baseline is None else f"every method against the baseline {lb.baseline!r}"
-    corr = _CORRECTION_NAMES[lb.correction]
-    corr_text = "without correction" if lb.correction == "none" else f"with {corr} correction across the family"
-    return (
-        f"{test} on per-user values of {family}, per metric, {corr_text}; "
-        f"significant at alpha = {lb.alpha:g}"
-    )
-
-
-def _row_notes(group: list) -> list[str]:
-    notes = [(u.seed, unit_note(u.metrics)) for u in group]
-    distinct = {n for _, n in notes if n}
-    if len(distinct) <= 1:
-        return sorted(distinct)
-    return [f"seed {seed}: {n}" for seed, n in notes if n]
-
-
-def render_markdown(lb: Leaderboard) -> str:
-    conf = f"{100 * lb.confidence:g}%"
-    lines = [f"# Leaderboard: {lb.dataset} — {lb.protocol}", ""]
-    for key, value in lb.header.items():
-        lines.append(f"- **{key}**: {_fmt_header_value(value)}")
-    lines.append(f"- **users evaluated**: {lb.n_users:,} (identical for every method)")
-    lines.append(f"- **significance**: {_significance_sentence(lb)}")
-    lines.append(f"- **confidence intervals**: {conf} percentile bootstrap of the mean over users")
-    lines += ["", "## Results", ""]
-
-    multi_seed = any(len(r.seeds) > 1 for r in lb.rows)
-    best = {m: round(max(r.mean[m] for r in lb.rows), 4) for m in lb.metrics}
-    table = []
-    for r in lb.rows:
-        cells = [r.letter, r.label]
-        cells += [_metric_cell(r, m, round(r.mean[m], 4) == best[m]) for m in lb.metrics]
-        train = _fmt_seconds(r.train_time_s) + ("*" if r.train_cached else "")
-        cells += [str(len(r.seeds)), train, _fmt_seconds(r.eval_time_s)]
-        cells.append("—" if r.validity is None else f"{r.validity:.3f}")
-        table.append(cells)
-    columns = ["", "Method"] + [m.upper() for m in lb.metrics]
-    columns += ["Seeds", "Train (s)", "Eval (s)", "Validity"]
-    lines.append(tabulate(table, headers=columns, tablefmt="github", disable_numparse=True))
-    lines += [
-        "",
-        "Legend:",
-        f"- Each cell: mean over users {'± sd across seed means ' if multi_seed else ''}"
-        f"[{conf} bootstrap CI]; with several seeds each user's value is first averaged over seeds.",
-        f"- Bold: best mean in the column. Rows are sorted by {lb.primary}.",
-        "- Superscript letters: the row is significantly better than the rows with those letters on that metric "
-        f"({_significance_sentence(lb)}).",
-        "- Train/Eval: wall-clock seconds, mean over seeds"
-        + ("; * = the fitted model was loaded from the model cache, and the time shown is that cached fit's "
-           "training" if any(r.train_cached for r in lb.rows) else "")
-        + ". Validity: share of generations that name a real catalog item (generative LLM methods; — otherwise).",
-        "",
-        f"## Pairwise comparisons on {lb.primary}",
-        "",
-    ]
-    names = {r.label: f"{r.letter}: {r.label}" for r in lb.rows}
-    pair_rows = []
-    for pr in lb.pairs[lb.primary]:
-        pair_rows.append(
-            [
-                names[pr.a],
-                names[pr.b],
-                f"{pr.diff:+.4f}",
-                f"[{pr.ci_diff[0]:+.4f}, {pr.ci_diff[1]:+.4f}]",
-                _fmt_p(pr.p_randomization),
-                _fmt_p(pr.p_t),
-                _fmt_p(pr.p_adjusted),
-                f"{pr.effect_size:+.3f}",
-                f"{pr.wins}/{pr.ties}/{pr.losses}",
-                "yes" if pr.significant else "no",
-            ]
-        )
-    corr_col = "p corrected" if lb.correction == "none" else f"p {_CORRECTION_NAMES[lb.correction]}"
-    pair_cols = ["A", "B", "Δ = A − B", f"{conf} CI of Δ", "p randomization", "p t-test", corr_col]
-    pair_cols += ["Effect size", "W/T/L", "Significant"]
-    if pair_rows:
-        lines.append(tabulate(pair_rows, headers=pair_cols, tablefmt="github", disable_numparse=True))
-    else:
-        lines.append("(only one method: nothing to compare)")
-    lines += [
-        "",
-        f"Corrected p uses the {'randomization' if lb.test == 'randomization' else 't-test'} p-values. "
-        "Effect size: mean(Δ) / sd(Δ) over users. W/T/L: users where A wins / ties / loses.",
-        "",
-        "## Runs",
-        "",
-    ]
-    for r in lb.rows:
-        runs = ", ".join(f"`{rid}` (seed {s})" for s, rid in zip(r.seeds, r.run_ids))
-        lines.append(f"- {r.letter}: {r.label} ({r.method}): {runs}")
-    noted = [r for r in lb.rows if r.notes]
-    if noted:
-        lines += ["", "## Method notes", ""]
-        for r in noted:
-            lines.append(f"- {r.letter}: {r.label}: " + " | ".join(r.notes))
-    return "\n".join(lines) + "\n"
-
-
-def _clean(value: Any) -> Any:
-    if isinstance(value, float):
-        return None if not math.isfinite(value) else value
-    if isinstance(value, (np.floating,)):
-        return _clean(float(value))
-    if isinstance(value, (np.integer,)):
-        return int(value)
-    if isinstance(value, dict):
-        return {str(k): _clean(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_clean(v) for v in value]
-    return value
-
-
-def leaderboard_dict(lb: Leaderboard) -> dict:
-    """Everything on the leaderboard, with every p-value (raw and corrected) and every CI."""
-    return _clean(
-        {
-            "dataset": lb.dataset,
-            "protocol": lb.protocol,
-            "header": lb.header,
-            "n_users": lb.n_users,
-            "metrics": lb.metrics,
-            "primary": lb.primary,
-            "baseline": lb.baseline,
-            "test": lb.test,
-            "correction": lb.correction,
-            "n_permutations": lb.n_permutations,
-            "alpha": lb.alpha,
-            "seed": lb.seed,
-            "confidence": lb.confidence,
-            "rows": [
-                {
-                    "letter": r.letter,
-                    "label": r.label,
-                    "method": r.method,
-                    "seeds": r.seeds,
-                    "run_ids": r.run_ids,
-                    "train_time_s": r.train_time_s,
-                    "train_cached": r.train_cached,
-                    "eval_time_s": r.eval_time_s,
-                    "validity": r.validity,
-                    "notes": r.notes,
-                    "metrics": {
-                        m: {
-                            "mean": r.mean[m],
-                            "ci": list(r.ci[m]),
-                            "seed_means": r.seed_means[m],
-                            "seed_sd": r.seed_sd[m],
-                            "beats": r.beats.get(m, []),
-                        }
-                        for m in lb.metrics
-                    },
-                }
-                for r in lb.rows
-            ],
-            "pairs": {m: [pr.to_dict() for pr in lb.pairs[m]] for m in lb.metrics},
-        }
-    )
-
-
-def render_png(lb: Leaderboard) -> bytes:
-    """Primary-metric means with CI error bars, one line per method; deterministic bytes."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    rows = list(reversed(lb.rows))  # best at the top
-    fig = Figure(figsize=(7.0, 1.2 + 0.45 * len(rows)), dpi=100)
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot(1, 1, 1)
-    y = np.arange(len(rows))
-    means = np.array([r.mean[lb.primary] for r in rows])
-    lo = np.array([r.ci[lb.primary][0] for r in rows])
-    hi = np.array([r.ci[lb.primary][1] for r in rows])
-    ax.errorbar(means, y, xerr=[means - lo, hi - means], fmt="o", color="#1f77b4", ecolor="#444444", capsize=4)
-    ax.set_yticks(y)
-    ax.set_yticklabels([f"{r.letter}: {r.label}" for r in rows])
-    ax.set_xlabel(f"{lb.primary} (mean over {lb.n_users:,} users, {100 * lb.confidence:g}% bootstrap CI)")
-    ax.set_title(f"{lb.dataset} — {lb.protocol}")
-    ax.grid(axis="x", alpha=0.3)
-    ax.set_ylim(-0.6, len(rows) - 0.4)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", metadata={"Software": None})
-    return buf.getvalue()
-
-
-def leaderboard_stem(dataset: str, protocol: str) -> str:
-    """"<dataset>-<protocol>" with characters unsafe in file names replaced by '_'."""
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", f"{dataset}-{protocol}")
-
-
-def write_leaderboard(lb: Leaderboard, out_dir: Path, png: bool = True) -> list[Path]:
-    """Write <dataset>-<protocol>.md, .json and .png atomically; returns their paths."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    stem = leaderboard_stem(lb.dataset, lb.protocol)
-    md_path, json_path = out_dir / f"{stem}.md", out_dir / f"{stem}.json"
-    atomic_write_bytes(md_path, render_markdown(lb).encode("utf-8"))
-    text = json.dumps(leaderboard_dict(lb), indent=2, ensure_ascii=False, allow_nan=False) + "\n"
-    atomic_write_bytes(json_path, text.encode("utf-8"))
-    paths = [md_path, json_path]
-    if png:
-        png_path = out_dir / f"{stem}.png"
-        atomic_write_bytes(png_path, render_png(lb))
-        paths.append(png_path)
-    return paths
-
-
-# ----------------------------------------------------------------------------- one pair
-
-
-def compare_units(
-    a: UnitResult,
-    b: UnitResult,
-    metrics: Sequence[str] = DEFAULT_METRICS,
-    *,
-    n_permutations: int = 10_000,
-    n_resamples: int = 10_000,
-    confidence: float = 0.95,
-    seed: int = 0,
-) -> str:
-    """One pair in full detail on every metric (p-values are per metric, uncorrected)."""
-    metrics = list(metrics)
-    for m in metrics:
-        parse_metric(m)
-    name_a, name_b = _unit_name(a), _unit_name(b)
-    if name_a == name_b:
-        raise ConfigError(f"compare needs two different runs; both are {name_a}")
-    conf = f"{100 * confidence:g}%"
-    table = []
-    n_users = 0
-    for m in metrics:
-        _, X = align({name_a: _series(a, m), name_b: _series(b, m)})
-        n_users = X.shape[1]
-        d = X[0] - X[1]
-        ci = bootstrap_cis(np.stack([X[0], X[1], d], axis=1), n_resamples, confidence, seed)
-        p_rand = float(randomization_tests(X, [(0, 1)], n_permutations, seed)[0])
-        w, t, l = win_tie_loss(X[0], X[1])
-        table.append(
-            [
-                m,
-                f"{X[0].mean():.4f} [{ci[0, 0]:.4f}, {ci[0, 1]:.4f}]",
-                f"{X[1].mean():.4f} [{ci[1, 0]:.4f}, {ci[1, 1]:.4f}]",
-                f"{d.mean():+.4f} [{ci[2, 0]:+.4f}, {ci[2, 1]:+.4f}]",
-                _fmt_p(p_rand),
-                _fmt_p(paired_t_test(X[0], X[1])),
-                f"{effect_size(X[0], X[1]):+.3f}",
-                f"{w}/{t}/{l}",
-            ]
-        )
-    headers = ["Metric", f"A mean [{conf} CI]", f"B mean [{conf} CI]", f"Δ = A − B [{conf} CI]"]
-    headers += ["p randomization", "p t-test", "Effect size", "W/T/L"]
-    lines = [
-        f"A: {a.label} ({a.method}, seed {a.seed}, run {a.run_id})",
-        f"B: {b.label} ({b.method}, seed {b.seed}, run {b.run_id})",
-        f"{n_users:,} users in common (identical user sets). Paired two-sided tests per metric, uncorrected; "
-        f"randomization test with {n_permutations:,} sign flips (seed {seed}).",
-        "",
-        tabulate(table, headers=headers, tablefmt="github", disable_numparse=True),
-    ]
-    return "\n".join(lines) + "\n"

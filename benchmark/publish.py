@@ -1,33 +1,45 @@
-"""Collect finished units from the run store and publish/compare them.
+"""Publish a leaderboard from the run store merged with its published evidence; compare two units.
 
 The newest finished unit per (method label, seed) on the newest split fingerprint of a
-dataset/protocol enters the leaderboard; its run ids go in the footnote.
+dataset/protocol in the run store is merged with the evidence published under
+`<leaderboards>/<dataset>-<protocol>/` (benchmark.merge); every unit, local or published,
+passes the integrity checks (benchmark.integrity); then the leaderboard is built and written
+with its evidence (benchmark.evidence). Nothing is written unless every check passes.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
+import pandas as pd
+
+from benchmark.compare import compare_units
 from benchmark.errors import StoreError
-from benchmark.leaderboard import UnitResult, build_leaderboard, compare_units, write_leaderboard
+from benchmark.evidence import Unit, evidence_index, local_unit, read_evidence, unit_candidate_fingerprint, write_evidence
+from benchmark.integrity import check_published_users, check_same_users, check_unit
+from benchmark.leaderboard import UnitResult, build_leaderboard
+from benchmark.merge import check_fingerprints, check_split_fingerprint, merge_units
+from benchmark.render import leaderboard_stem, write_leaderboard
+from benchmark.scoring.stats import check_permutations
 from benchmark.store import RunStore, UnitFiles
 
 
-def load_unit(unit: UnitFiles) -> UnitResult:
+def to_result(unit: Unit, frame: pd.DataFrame) -> UnitResult:
     cfg = unit.config
     return UnitResult(
-        run_id=cfg["run_id"],
-        label=cfg["label"],
+        run_id=unit.run_id,
+        label=unit.label,
         method=cfg["method"],
-        seed=int(cfg["seed"]),
+        seed=unit.seed,
         params=cfg["params"],
-        per_user=unit.per_user(),
+        per_user=frame,
         metrics=unit.metrics,
     )
 
 
-def collect_units(store: RunStore, dataset: str, protocol: str) -> tuple[list[UnitFiles], str]:
-    """Newest unit per (label, seed) on the newest split fingerprint; also returns that fingerprint."""
+def collect_units(store: RunStore, dataset: str, protocol: str) -> tuple[list[UnitFiles], str | None]:
+    """Newest unit per (label, seed) on the newest split fingerprint, and that fingerprint ([] and None if none)."""
     matching = []
     for unit in store.finished_units():
         cfg = unit.config
@@ -43,11 +55,7 @@ def collect_units(store: RunStore, dataset: str, protocol: str) -> tuple[list[Un
                     "that directory"
                 )
     if not matching:
-        raise StoreError(
-            f"no finished runs for dataset {dataset!r} and protocol {protocol!r} under {store.root}; "
-            f"run `python -m benchmark run --methods pop,sasrec --dataset {dataset}` first "
-            f"(see `python -m benchmark runs` for what exists)"
-        )
+        return [], None
     matching.sort(key=lambda x: x[0])
     fingerprint = matching[-1][1].config["split_fingerprint"]
     latest: dict[tuple[str, int], UnitFiles] = {}
@@ -58,28 +66,38 @@ def collect_units(store: RunStore, dataset: str, protocol: str) -> tuple[list[Un
     return [latest[key] for key in sorted(latest)], fingerprint
 
 
-def header_for(store: RunStore, units: list[UnitFiles], dataset: str, protocol: str) -> dict:
-    run_ids = sorted({u.config["run_id"] for u in units})
-    metas = [store.run_meta(r) for r in run_ids]
-    newest = metas[-1]
+def header_for(units: list[Unit], dataset: str, protocol: str, candidate_fp: str, stem: str) -> dict:
+    metas = {u.run_id: u.run for u in units}
+    run_ids = sorted(metas)
+    newest = metas[run_ids[-1]]
     manifest = newest.get("manifest", {})
     stats = newest.get("split_stats", {})
-    seeds = sorted({int(u.config["seed"]) for u in units})
+    seeds = sorted({u.seed for u in units})
     return {
         "dataset": dataset,
         "dataset stats": ", ".join(f"{k} {v}" for k, v in stats.items()) or "—",
         "split": f"{newest.get('split')} (k-core {newest.get('split_config', {}).get('kcore', '?')}, "
         f"fingerprint {newest.get('split_fingerprint')})",
-        "candidates": newest.get("candidates"),
+        "candidates": f"{newest.get('candidates')} (fingerprint {candidate_fp})",
         "protocol": protocol,
         "test users": newest.get("n_test_users"),
         "seeds": ",".join(str(s) for s in seeds),
-        "date": max(m.get("created", "") for m in metas),
+        "date": max(m.get("created", "") for m in metas.values()),
         "package version": manifest.get("versions", {}).get("benchmark"),
         "git commit": manifest.get("git_commit"),
         "device": manifest.get("device_name"),
         "runs": run_ids,
+        "evidence": f"[{stem}/]({stem}/): per-user metrics, rankings, config, metrics and run manifest of every row; "
+        f"audit with `python -m benchmark verify --dataset {dataset} --protocol {protocol}`",
     }
+
+
+def _no_units(store: RunStore, dataset: str, protocol: str) -> StoreError:
+    return StoreError(
+        f"no finished runs for dataset {dataset!r} and protocol {protocol!r} under {store.root}, and no published "
+        f"evidence; run `python -m benchmark run --methods pop,sasrec --dataset {dataset}` first "
+        f"(see `python -m benchmark runs` for what exists)"
+    )
 
 
 def publish(
@@ -94,17 +112,51 @@ def publish(
     test: str = "randomization",
     n_permutations: int = 10_000,
     alpha: float = 0.05,
+    replace: tuple[str, ...] | list[str] = (),
+    replace_all: bool = False,
+    expected_users: set[str] | None = None,
+    note: Callable[[str], None] = lambda line: None,
 ) -> list[Path]:
-    units, _ = collect_units(store, dataset, protocol)
-    results = [load_unit(u) for u in units]
+    """Merge, check, build and write `<dataset>-<protocol>.{md,json,png}`, `-cost.png` and the evidence folder.
+
+    expected_users: the protocol's test users (or --eval-users subsample) when the caller knows
+    them (`run --publish`); every row must hold exactly these. `note` receives one line per
+    thing the user should know (rows kept, replaced, a legacy leaderboard without evidence).
+    """
+    check_permutations(n_permutations)
+    out_dir = Path(out_dir)
+    stem = leaderboard_stem(dataset, protocol)
+    folder = out_dir / stem
+    evidence = read_evidence(folder)
+    files, _ = collect_units(store, dataset, protocol)
+    local = [local_unit(store, f) for f in files]
+    published = evidence.units if evidence is not None else []
+    if not local and not published:
+        raise _no_units(store, dataset, protocol)
+    per_user = {}  # every unit read, local or published, is checked before anything else is decided
+    for unit in local + published:
+        per_user[id(unit)] = unit.per_user()
+        check_unit(unit, per_user[id(unit)])
+    if local and evidence is not None:
+        candidate_fp = check_fingerprints(local, evidence, store.cache_dir)
+    elif local:
+        candidate_fp = unit_candidate_fingerprint(local[0], store.cache_dir)
+    else:
+        candidate_fp = evidence.index["candidate_fingerprint"]
+    merged = merge_units(local, evidence, replace, replace_all)
+    frames = [(u, per_user[id(u)]) for u in merged.units]
+    expected = None if expected_users is None else {str(u) for u in expected_users}
+    users = check_same_users(frames, expected, "this protocol's test users")
+    if any(u.published for u in merged.units):
+        check_published_users(evidence, users)
+    results = [to_result(u, frame) for u, frame in frames]
     if baseline is not None and baseline not in {r.label for r in results}:
         raise StoreError(f"--baseline {baseline!r} has no finished run here; have: {sorted({r.label for r in results})}")
-    header = header_for(store, units, dataset, protocol)
     lb = build_leaderboard(
         results,
         dataset=dataset,
         protocol=protocol,
-        header=header,
+        header=header_for(merged.units, dataset, protocol, candidate_fp, stem),
         metrics=metrics,
         primary=metrics[0],
         baseline=baseline,
@@ -113,11 +165,51 @@ def publish(
         n_permutations=n_permutations,
         alpha=alpha,
     )
-    return write_leaderboard(lb, Path(out_dir))
+    # every check has passed and the tests have run: only now is anything written
+    if evidence is None and (out_dir / f"{stem}.md").is_file():
+        note(f"note: {out_dir / stem}.md was published without evidence; its rows cannot be merged and are "
+             f"replaced by this leaderboard, which now carries its evidence in {folder}/")
+    if merged.kept:
+        note(f"kept {len(merged.kept)} published row(s) not in the run store: {', '.join(merged.kept)}")
+    if merged.replaced:
+        note(f"replaced published row(s) by local ones: {', '.join(merged.replaced)}")
+    index = evidence_index(merged.units, dataset=dataset, protocol=protocol, candidate_fp=candidate_fp, users=sorted(users))
+    write_evidence(folder, merged.units, index, evidence)
+    return write_leaderboard(lb, out_dir) + [folder]
+
+
+def check_publishable(
+    out_dir: Path,
+    dataset: str,
+    protocol: str,
+    split_fingerprint: str,
+    labels: list[str],
+    *,
+    replace=(),
+    replace_all: bool = False,
+    note: Callable[[str], None] = lambda line: None,
+) -> None:
+    """Before `run --publish` spends any time: refuse a split the published leaderboard was not made on,
+    and say which labels are already published (publishing them will need --replace unless reproduced)."""
+    evidence = read_evidence(Path(out_dir) / leaderboard_stem(dataset, protocol))
+    if evidence is None:
+        return
+    check_split_fingerprint(split_fingerprint, evidence)
+    published = {u.label for u in evidence.units}
+    clash = [lab for lab in labels if lab in published and not replace_all and lab not in replace]
+    if clash:
+        note(f"note: {', '.join(clash)} already published in {evidence.folder}/; unless this run reproduces it "
+             f"exactly, --publish will stop and ask for --replace {','.join(clash)}")
 
 
 def compare_refs(store: RunStore, a: str, b: str, *, metrics: tuple[str, ...], n_permutations: int = 10_000) -> str:
-    ua, ub = store.resolve_unit(a), store.resolve_unit(b)
+    check_permutations(n_permutations)
+    ua, ub = (local_unit(store, store.resolve_unit(ref)) for ref in (a, b))
     if ua.config["split_fingerprint"] != ub.config["split_fingerprint"]:
         raise StoreError(f"{a} and {b} were evaluated on different splits; compare runs of the same dataset and protocol")
-    return compare_units(load_unit(ua), load_unit(ub), metrics, n_permutations=n_permutations)
+    results = []
+    for unit in (ua, ub):
+        frame = unit.per_user()
+        check_unit(unit, frame)
+        results.append(to_result(unit, frame))
+    return compare_units(*results, metrics, n_permutations=n_permutations)

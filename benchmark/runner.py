@@ -142,6 +142,14 @@ def _cached_train_seconds(notes: dict[str, Any]) -> float | None:
     return None
 
 
+def method_label(name: str) -> str:
+    """The label a --methods entry is stored under (`LABEL=METHOD`, a name, or `module:Class`)."""
+    label, sep, _ = name.partition("=")
+    if sep:
+        return label.strip()
+    return get_method(name).name if ":" in name else name
+
+
 def resolve_method(
     name: str,
     overrides: dict[str, dict[str, Any]],

@@ -9,13 +9,9 @@ import pandas as pd
 import pytest
 
 from benchmark.errors import ConfigError, StoreError
-from benchmark.leaderboard import (
-    UnitResult,
-    build_leaderboard,
-    compare_units,
-    render_markdown,
-    write_leaderboard,
-)
+from benchmark.compare import compare_units
+from benchmark.leaderboard import UnitResult, build_leaderboard
+from benchmark.render import render_markdown, write_leaderboard
 from benchmark.scoring.stats import holm, randomization_tests
 
 N_USERS = 200
@@ -119,7 +115,7 @@ def test_markdown_has_bold_markers_legend_pairs_and_runs(board):
 
 def test_json_p_values_match_stats_functions(tmp_path, board):
     paths = write_leaderboard(board, tmp_path)
-    assert [p.name for p in paths] == ["toy-loo-full.md", "toy-loo-full.json", "toy-loo-full.png"]
+    assert [p.name for p in paths] == ["toy-loo-full.md", "toy-loo-full.json", "toy-loo-full.png", "toy-loo-full-cost.png"]
     data = json.loads(paths[1].read_text())
     labels = sorted(["strong", "weak-a", "weak-b"])
     units = _units()
@@ -141,7 +137,7 @@ def test_json_p_values_match_stats_functions(tmp_path, board):
         np.testing.assert_allclose([p["p_adjusted"] for p in got], holm(raw))
         assert all(len(p["ci_diff"]) == 2 and p["ci_diff"][0] <= p["diff"] <= p["ci_diff"][1] for p in got)
     assert data["rows"][0]["metrics"]["ndcg@10"]["beats"] == ["b", "c"]
-    assert paths[2].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert paths[2].read_bytes()[:8] == paths[3].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]  # no temp files left
 
 
@@ -221,3 +217,16 @@ def test_cached_fit_is_marked_in_the_train_column():
     md = render_markdown(board)
     assert "| 10.5*" in md and "loaded from the model cache" in md
     assert "loaded from the model cache" not in render_markdown(_build(_units()))
+
+
+def test_cost_plot_is_written_beside_the_leaderboard_png_and_tolerates_missing_times():
+    from benchmark.plots import render_cost_png
+
+    board = _build(_units())
+    first = render_cost_png(board)
+    assert first[:8] == b"\x89PNG\r\n\x1a\n" and render_cost_png(_build(_units())) == first
+    board.row("weak-b").train_time_s = board.row("weak-b").eval_time_s = None  # left out, named under the axis
+    board.row("weak-a").train_time_s, board.row("weak-a").eval_time_s = 0.0, 0.0  # drawn at the floor
+    second = render_cost_png(board)
+    assert second[:8] == b"\x89PNG\r\n\x1a\n" and second != first
+    assert "-cost.png](toy-loo-full-cost.png)" in render_markdown(board)

@@ -7,6 +7,8 @@
 - paired t-test, percentile bootstrap CIs (resample counts shared across columns),
   effect size (mean / sd of the differences), wins/ties/losses;
 - Holm and Benjamini-Hochberg adjustments;
+- per pair, the minimum detectable effect at 80% power (`benchmark.scoring.power`) and
+  whether the observed difference is below it (underpowered);
 - `align` (identical user sets or a StoreError) and `compare_family` for a whole family.
 """
 
@@ -21,6 +23,7 @@ import pandas as pd
 from scipy import stats as sps
 
 from benchmark.errors import ConfigError, StoreError
+from benchmark.scoring.power import POWER, standardized_mde
 
 # Bytes of sign matrix handled per chunk; the chunk size depends only on n (never on the
 # machine), so the same seed gives the same p-values everywhere.
@@ -72,6 +75,15 @@ def _sign_flip_counts(D: np.ndarray, n_permutations: int, seed: int, progress: b
         stat = 2.0 * (bits.astype(np.float64) @ D) - total
         counts += (np.abs(stat) >= threshold).sum(axis=0)
     return counts
+
+
+def check_permutations(n_permutations: int) -> None:
+    """ConfigError unless there is at least one sign flip: with none, every p-value would be 1.0."""
+    if isinstance(n_permutations, bool) or not isinstance(n_permutations, (int, np.integer)) or n_permutations < 1:
+        raise ConfigError(
+            f"--permutations must be a positive number of sign flips, got {n_permutations!r}: with none every "
+            "randomization p-value would be 1.0 and nothing significant; use e.g. --permutations 10000"
+        )
 
 
 def randomization_tests(
@@ -316,6 +328,8 @@ class PairResult:
     ties: int
     losses: int
     significant: bool = False  # p_adjusted < alpha
+    mde: float = float("nan")  # minimum detectable |diff| at 80% power and alpha (paired t, uncorrected)
+    underpowered: bool = False  # |diff| < mde: "not significant" here does not mean "no difference"
 
     def to_dict(self) -> dict:
         out = asdict(self)
@@ -359,6 +373,7 @@ def compare_families(
         raise ConfigError(f"unknown test {test!r}; use one of {', '.join(TESTS)}")
     if correction not in CORRECTIONS:
         raise ConfigError(f"unknown correction {correction!r}; use one of {', '.join(CORRECTIONS)}")
+    check_permutations(n_permutations)
     blocks = []  # (metric, labels, X, index_pairs)
     n_users = None
     for metric, by_label in values.items():
@@ -378,6 +393,8 @@ def compare_families(
     if not diffs:
         return out
     D = np.stack(diffs, axis=1)
+    # one standardized MDE for the whole family (it depends on n and alpha only), times each pair's sd
+    delta = standardized_mde(D.shape[0], alpha, POWER) if D.shape[0] >= 2 else float("nan")
     p_rand_all = (_sign_flip_counts(D, n_permutations, seed, progress) + 1.0) / (n_permutations + 1.0)
     cis_all = bootstrap_cis(D, n_resamples, confidence, seed)
     offset = 0
@@ -392,6 +409,8 @@ def compare_families(
         p_adj = adjust(p_rand if test == "randomization" else p_t, correction)
         for k, (i, j) in enumerate(index_pairs):
             w, t, l = win_tie_loss(X[i], X[j])
+            diff = float(X[i].mean() - X[j].mean())
+            mde = delta * float((X[i] - X[j]).std(ddof=1)) if X.shape[1] >= 2 else float("nan")
             out[metric].append(
                 PairResult(
                     a=labels[i],
@@ -399,7 +418,7 @@ def compare_families(
                     metric=metric,
                     mean_a=float(X[i].mean()),
                     mean_b=float(X[j].mean()),
-                    diff=float(X[i].mean() - X[j].mean()),
+                    diff=diff,
                     ci_diff=(float(cis[k, 0]), float(cis[k, 1])),
                     p_randomization=float(p_rand[k]),
                     p_t=float(p_t[k]),
@@ -409,6 +428,8 @@ def compare_families(
                     ties=t,
                     losses=l,
                     significant=bool(p_adj[k] < alpha),
+                    mde=mde,
+                    underpowered=not abs(diff) >= mde,  # NaN (one user): underpowered
                 )
             )
     return out
