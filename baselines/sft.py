@@ -25,6 +25,9 @@ Alternatives to the reference grounding (each named in the row's notes):
   answer text (every answer is a real item; seen items pruned inside the search), items
   ranked by sequence log-probability;
 - ``grounding="exact"``: free beams whose text equals a catalog item's text;
+- ``grounding="likelihood"``: exact ranking, every catalog item by the full log-likelihood of
+  its answer (`benchmark.llm.likelihood`); the yardstick of the beam search's error, costly
+  on a CPU (minutes per user), so meant for a sample of users (`--eval-users`);
 - ``l2_merge="top_beam"`` (BIGRec: only the best beam) or ``"min"`` (each item's smallest
   distance over beams); ``embed_model="base"`` (BIGRec: the untuned model embeds).
 Rows shorter than k (trie or exact grounding with few beams) are filled with the most
@@ -76,7 +79,7 @@ from benchmark.recipes import Budget
 from benchmark.registry import Method, register_method
 from benchmark.types import PAD, CandidateSet, RankedLists, RankRequest, TrainData
 
-GROUNDINGS = ("l2", "trie", "exact")
+GROUNDINGS = ("l2", "trie", "exact", "likelihood")
 L2_MERGES = ("round_robin", "top_beam", "min")
 CFT_CODE = "itsmeyjt/CFT@5bd1805"
 D3 = "SAI990323/DecodingMatters"
@@ -111,7 +114,8 @@ class SFTParams(TrainFields, LLMFields):
     epochs: int = hp(3, ge=1, source=f"{CFT_CODE} run.sh:18 --num_epochs 3")
     batch_size: int = hp(16, ge=1, source=f"{CFT_CODE} run.sh:17 --micro_batch_size 16")
     grad_accum: int = hp(4, ge=1, source=f"{CFT_CODE} run.sh:16-17 batch 64 / micro-batch 16 (train.py:165)")
-    max_train_examples: int | None = hp(None, ge=1, none="all", source=f"{CFT_CODE} run.sh:8 --sample -1 (all)")
+    max_train_examples: int | None = hp(None, ge=0, none="all",
+                                        source=f"{CFT_CODE} run.sh:8 --sample -1 (all); 0 = no training (zero-shot)")
     early_stopping: str = hp("loss", choices=("loss", "ndcg", "none"),
                              source=f"{CFT_CODE} train.py:319 evaluation_strategy=epoch, load_best_model_at_end")
     valid_users: int | None = hp(None, ge=1, none="all", source=f"{CFT_CODE} train.py: the whole validation file")
@@ -202,10 +206,14 @@ class SFT(Method):
         self.texts = catalog_texts(data.catalog, p.item_text)
         self.popular = popularity_order(data.train, data.n_items)
         config = self.train_config()
-        examples = self._examples(data, config.max_train_examples)
+        examples = self._examples(data, config.max_train_examples) if config.max_train_examples != 0 else []
         self.n_train = len(examples)
         if p.grounding == "trie" or p.early_stopping == "ndcg":
             self._build_trie()
+        if not examples:  # the zero-shot point: the model as loaded
+            self.llm.model = merge_for_inference(self.llm.model, p.precision)
+            self.ctx.notes["sft"] = {"train_examples": 0, "steps": 0, "train_seconds": 0.0, "precision": p.precision}
+            return
 
         validate = None
         rows = self._valid_rows(data, p.valid_users)
@@ -273,8 +281,7 @@ class SFT(Method):
     def _build_trie(self) -> None:
         from benchmark.llm.decoding import ItemTrie
 
-        answers = response_ids_batch(self.llm, [self.template.response(t) for t in self.texts])
-        self.trie = ItemTrie.build(answers, self.llm.eos_id, device=self.llm.device)
+        self.trie = ItemTrie.build(self.answers(), self.llm.eos_id, device=self.llm.device)
 
     def _prompts(self, request: RankRequest) -> list[list[int]]:
         hists = [history_texts(self.texts, h, self.params.history_len) for h in request.histories]
@@ -290,6 +297,8 @@ class SFT(Method):
         p = self.params
         if p.grounding == "trie":
             ranked = self._rank_trie(self.llm.model, request, progress=self.ctx.progress)
+        elif p.grounding == "likelihood":
+            ranked = self._rank_likelihood(request)
         else:
             ranked = self._rank_free(request)
         exclude = exclusions(request, len(self.texts))
@@ -299,7 +308,8 @@ class SFT(Method):
         ranked.extras["filled"] = filled
         grounding = {"l2": f"L2 grounding ({p.embed_model} model, {p.l2_merge} over {p.num_beams} beams)",
                      "trie": f"trie-constrained beam search ({p.num_beams} beams)",
-                     "exact": f"exact-title grounding of {p.num_beams} free beams"}[p.grounding]
+                     "exact": f"exact-title grounding of {p.num_beams} free beams",
+                     "likelihood": "exact ranking by every item's full likelihood"}[p.grounding]
         info = {
             "grounding": p.grounding,
             "num_beams": p.num_beams,
@@ -341,6 +351,29 @@ class SFT(Method):
         return RankedLists(
             users=np.asarray(request.users).copy(), items=items, scores=scores, extras={"valid": np.ones(n)}
         )
+
+    def answers(self) -> list[list[int]]:
+        """Every catalog item's answer as token ids (no eos), as training and the trie use them."""
+        return response_ids_batch(self.llm, [self.template.response(t) for t in self.texts])
+
+    def _rank_likelihood(self, request: RankRequest) -> RankedLists:
+        from tqdm.auto import tqdm
+
+        from benchmark.llm.likelihood import item_log_likelihoods, rank_by_likelihood
+
+        k, answers = request.k, self.answers()
+        exclude = exclusions(request, len(self.texts))
+        n = len(request.users)
+        items = np.full((n, k), PAD, dtype=np.int64)
+        scores = np.full((n, k), -np.inf, dtype=np.float64)
+        prompts = self._prompts(request)
+        for row in tqdm(range(n), desc="exact ranking", disable=not self.ctx.progress):
+            loglik = item_log_likelihoods(self.llm.model, prompts[row], answers, eos_id=self.llm.eos_id,
+                                          pad_id=self.llm.pad_id)
+            top, top_scores = rank_by_likelihood(loglik, exclude[row], k)
+            items[row, : len(top)], scores[row, : len(top)] = top, top_scores
+        return RankedLists(users=np.asarray(request.users).copy(), items=items, scores=scores,
+                           extras={"valid": np.ones(n)})
 
     # -- free generation and grounding ---------------------------------------------------------
     def _embedder(self) -> Any:

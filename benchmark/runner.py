@@ -19,6 +19,7 @@ from benchmark.candidates import Retrieved, build_candidates, parse_protocol, ta
 from benchmark.config import params_dict
 from benchmark.data.assets import sha256_file
 from benchmark.errors import ConfigError, MethodError
+from benchmark.hparams import fields_with_role
 from benchmark.manifest import manifest, peak_memory_mb, resolve_device
 from benchmark.recipes import Resolved, resolve_recipe
 from benchmark.registry import RunContext, get_method
@@ -318,7 +319,9 @@ class Runner:
         return {
             "method": resolved.label,
             "class": f"{cls.__module__}.{cls.__qualname__}",
-            "params": params_dict(resolved.params),
+            # harness fields (threads, batch sizes of pure inference loops) change no result
+            "params": {k: v for k, v in params_dict(resolved.params).items()
+                       if k not in fields_with_role(resolved.params, "harness")},
             "recipe_version": resolved.version,
             "budget": resolved.budget,
             "device": torch_device_type(self.device),

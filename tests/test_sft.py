@@ -105,7 +105,7 @@ def test_sft_ndcg_early_stopping_ranks_validation_users(model_dir, tmp_path):
     assert method.result.best_score == 0.0 and method.result.best_step == 1  # ties keep the first
 
 
-@pytest.mark.parametrize("grounding", ["l2", "exact"])
+@pytest.mark.parametrize("grounding", ["l2", "exact", "likelihood"])
 def test_sft_free_generation_groundings(model_dir, tmp_path, grounding):
     pytest.importorskip("benchmark.grounding")
     data = tiny_data()
