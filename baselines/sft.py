@@ -101,6 +101,9 @@ class SFTParams(TrainFields, LLMFields):
                             "BIGRec data/movie/process.ipynb cell 5 (CFT's data files are not released)")
     history_len: int = hp(10, ge=1, source=f"{D3} code/process.py:160 st = max(i - 10, 0)")
     min_history: int = hp(1, ge=1, source=f"{D3} code/process.py:159 every position i >= 1")
+    train_positions: str = hp("all", choices=("all", "last"),
+                              source=f"{D3} code/process.py:159 every position; last: each user's most recent "
+                                     "training item only (a CPU budget point)")
     train_on_inputs: bool = hp(False, source=f"{CFT_CODE} run.sh:21 --train_on_inputs False")
     lora: bool = hp(False, source=f"{CFT_CODE} train.py: full fine-tuning (peft imported, LoRA never applied)")
     lora_r: int = hp(8, ge=1, source="used only with lora=true: BIGRec README --lora_r 8")
@@ -175,6 +178,9 @@ class SFT(Method):
     def _pairs(self, data: TrainData, cap: int | None) -> list[tuple[int, int]]:
         p = self.params
         pairs = sequence_examples(data.train, history_len=p.history_len, min_history=p.min_history)
+        if p.train_positions == "last":  # each user's most recent training item only
+            last = {u: t for u, t in pairs}
+            pairs = sorted(last.items())
         return cap_examples(pairs, cap, seed=self.ctx.seed)
 
     def _examples(self, data: TrainData, cap: int | None):
@@ -189,6 +195,16 @@ class SFT(Method):
         if n_users is not None and n_users < len(rows):
             rows = np.sort(self.ctx.rng(17).choice(rows, size=n_users, replace=False))
         return rows
+
+    def _loss_validator(self, data: TrainData, rows: np.ndarray):
+        p, valid = self.params, data.valid
+        hists = [history_texts(self.texts, valid.histories[r], p.history_len) for r in rows]
+        targets = [self.texts[int(valid.targets[r])] for r in rows]
+        return loss_validator(
+            encode_examples(self.llm, self.template, hists, targets, train_on_inputs=p.train_on_inputs),
+            self.llm.pad_id, batch_size=max(p.eval_batch_size, 8), precision=p.precision,
+            token_weights=self.validation_weights(),
+        )
 
     def validation_weights(self):
         """Token weights of the validation loss (None: the plain token mean); CFT weighs it."""
@@ -210,24 +226,20 @@ class SFT(Method):
         self.n_train = len(examples)
         if p.grounding == "trie" or p.early_stopping == "ndcg":
             self._build_trie()
+
+        # the validation loss on `valid_users` is always reported (after training, and before it for the
+        # zero-shot point); it selects the best epoch when more than one validation runs
+        all_rows = self._valid_rows(data, p.valid_users)
+        valid_loss = self._loss_validator(data, all_rows) if len(all_rows) else None
         if not examples:  # the zero-shot point: the model as loaded
             self.llm.model = merge_for_inference(self.llm.model, p.precision)
-            self.ctx.notes["sft"] = {"train_examples": 0, "steps": 0, "train_seconds": 0.0, "precision": p.precision}
+            self.ctx.notes["sft"] = {"train_examples": 0, "steps": 0, "train_seconds": 0.0, "precision": p.precision,
+                                     "valid_loss": None if valid_loss is None else -valid_loss(self.llm.model)}
             return
-
         validate = None
-        rows = self._valid_rows(data, p.valid_users)
-        if self._single_validation(config, len(examples)):
-            rows = rows[:0]  # one validation at the very end selects nothing: save its cost
+        rows = all_rows[:0] if self._single_validation(config, len(examples)) else all_rows
         if p.early_stopping == "loss" and len(rows):
-            valid = data.valid
-            hists = [history_texts(self.texts, valid.histories[r], p.history_len) for r in rows]
-            targets = [self.texts[int(valid.targets[r])] for r in rows]
-            validate = loss_validator(
-                encode_examples(self.llm, self.template, hists, targets, train_on_inputs=p.train_on_inputs),
-                self.llm.pad_id, batch_size=max(p.eval_batch_size, 8), precision=p.precision,
-                token_weights=self.validation_weights(),
-            )
+            validate = valid_loss
         elif p.early_stopping == "ndcg" and len(rows):
             valid = data.valid
             request = RankRequest(
@@ -251,9 +263,11 @@ class SFT(Method):
             model, examples, config, pad_id=self.llm.pad_id, validate=validate, work_dir=work,
             fingerprint_extra=extra, **self.train_hooks(),
         )
+        final_loss = None if valid_loss is None else -valid_loss(model)
         self.llm.model = merge_for_inference(model, p.precision)
         self._item_embeddings = {}  # embeddings belong to the trained weights
         self.ctx.notes["sft"] = {
+            "valid_loss": final_loss,
             "train_examples": self.n_train,
             "train_tokens": self.result.tokens,
             "steps": self.result.steps,

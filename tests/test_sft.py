@@ -76,6 +76,7 @@ def test_sft_fit_rank_trie_returns_k_distinct_unseen_catalog_items(model_dir, tm
     assert (ranked.extras["valid"] == 1).all()
     assert ranked.info["grounding"] == "trie" and ranked.info["train_examples"] == 8
     assert method.ctx.notes["sft"]["steps"] == 2
+    assert 0 < method.ctx.notes["sft"]["valid_loss"] < 20  # reported even when it selects nothing
 
 
 def test_sft_respects_sampled_candidates(model_dir, tmp_path):
@@ -149,3 +150,14 @@ def test_refit_on_a_finished_checkpoint_is_marked_loaded_with_the_original_train
     again.fit(data)
     assert again.ctx.notes["sft"]["loaded_from"]
     assert again.ctx.notes["sft"]["train_seconds"] == pytest.approx(notes["train_seconds"], abs=0.05)
+
+
+def test_zero_shot_and_last_position_points_of_the_learning_curve(model_dir, tmp_path):
+    data = tiny_data()
+    zero, _ = make(model_dir, tmp_path / "z", max_train_examples=0)
+    zero.fit(data)
+    assert zero.n_train == 0 and zero.ctx.notes["sft"]["steps"] == 0 and zero.ctx.notes["sft"]["valid_loss"] > 0
+    check_rows(zero.rank(request_for(data, k=3)), request_for(data, k=3), data.n_items)
+    last, _ = make(model_dir, tmp_path / "l", train_positions="last", max_train_examples=None)
+    pairs = last._pairs(data, cap=None)
+    assert pairs == [(u, len(seq) - 1) for u, seq in enumerate(data.train)]  # one per user, the latest
