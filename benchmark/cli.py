@@ -240,6 +240,7 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
         test=args.test,
         n_permutations=args.permutations,
         alpha=args.alpha,
+        labels=None if args.labels is None else [x.strip() for x in args.labels.split(",") if x.strip()],
         **_replace_args(args),
     )
     for path in paths:
@@ -352,6 +353,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--permutations", type=int, default=10_000)
     s.add_argument("--alpha", type=float, default=0.05)
     s.add_argument("--leaderboards", default="leaderboards")
+    s.add_argument("--labels", default=None, metavar="LABEL[,LABEL]",
+                   help="only these rows of the run store (default: every label finished for this protocol)")
     _add_replace_args(s)
     s.add_argument("--quiet", action="store_true")
     s.set_defaults(func=cmd_leaderboard)

@@ -115,13 +115,16 @@ def publish(
     replace: tuple[str, ...] | list[str] = (),
     replace_all: bool = False,
     expected_users: set[str] | None = None,
+    labels: tuple[str, ...] | list[str] | None = None,
     note: Callable[[str], None] = lambda line: None,
 ) -> list[Path]:
     """Merge, check, build and write `<dataset>-<protocol>.{md,json,png}`, `-cost.png` and the evidence folder.
 
     expected_users: the protocol's test users (or --eval-users subsample) when the caller knows
-    them (`run --publish`); every row must hold exactly these. `note` receives one line per
-    thing the user should know (rows kept, replaced, a legacy leaderboard without evidence).
+    them (`run --publish`); every row must hold exactly these. `labels`: only these local rows
+    (e.g. without the points of a learning curve kept in the same run store); None takes all.
+    `note` receives one line per thing the user should know (rows kept, replaced, a legacy
+    leaderboard without evidence).
     """
     check_permutations(n_permutations)
     out_dir = Path(out_dir)
@@ -129,6 +132,12 @@ def publish(
     folder = out_dir / stem
     evidence = read_evidence(folder)
     files, _ = collect_units(store, dataset, protocol)
+    if labels is not None:
+        unknown = sorted(set(labels) - {f.config.get("label") for f in files})
+        if unknown:
+            raise StoreError(f"--labels names {', '.join(unknown)}, which the run store holds no finished "
+                             f"{dataset}/{protocol} unit of; see `python -m benchmark runs`")
+        files = [f for f in files if f.config.get("label") in set(labels)]
     local = [local_unit(store, f) for f in files]
     published = evidence.units if evidence is not None else []
     if not local and not published:

@@ -316,3 +316,18 @@ def test_a_legacy_leaderboard_without_evidence_is_replaced_with_a_note(published
     assert (board / STEM / "evidence.json").is_file()
     code, out, _ = cli(capsys, published / "runs", "verify", "--leaderboards", str(board))
     assert code == 0 and "verified 1 leaderboard(s)" in out
+
+
+def test_labels_selects_the_rows_taken_from_the_run_store(tmp_path, capsys):
+    from benchmark.cli import main
+
+    runs, lb = tmp_path / "runs", tmp_path / "lb"
+    assert main(["--runs-dir", str(runs), "run", "--methods", "pop,random", "--dataset", "synthetic", "--quiet"]) == 0
+    assert main(["--runs-dir", str(runs), "leaderboard", "--dataset", "synthetic", "--labels", "pop",
+                 "--leaderboards", str(lb), "--quiet"]) == 0
+    rows = json.loads((lb / "synthetic-loo-full.json").read_text())["rows"]
+    assert [r["label"] for r in rows] == ["pop"]
+    capsys.readouterr()
+    assert main(["--runs-dir", str(runs), "leaderboard", "--dataset", "synthetic", "--labels", "pop,nope",
+                 "--leaderboards", str(lb), "--quiet"]) == 2
+    assert "nope" in capsys.readouterr().err
