@@ -94,7 +94,6 @@ stage, catalog embedding seconds and whether they came from the cache (dense).
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import json
@@ -127,6 +126,7 @@ from benchmark.llm.prompts import (
     prompt_ids_batch,
     response_ids_batch,
 )
+from benchmark.llm.sampling import sample_generations
 from benchmark.llm.training import (
     TrainConfig,
     TrainResult,
@@ -330,96 +330,6 @@ def calrec_loss(model: Any, batch: dict[str, torch.Tensor], p: CALRecParams) -> 
     if "ut" in terms:
         loss = loss + p.ut_weight * terms["ut"]
     return loss.sum(), int(loss.shape[0])
-
-
-# -- temperature sampling ------------------------------------------------------------------------
-
-
-@torch.inference_mode()
-def sample_generations(
-    model: Any,
-    prompt_ids: Sequence[Sequence[int]],
-    *,
-    n_samples: int,
-    temperature: float,
-    max_new_tokens: int,
-    pad_id: int,
-    eos_id: int,
-    batch_size: int = 8,
-    seed: int = 0,
-    progress: bool = True,
-) -> list[list[tuple[list[int], float]]]:
-    """`n_samples` temperature samples per prompt: (token ids without eos, model log-prob).
-
-    The prompt runs once per user; its KV cache is repeated for the user's samples. Tokens
-    are drawn from softmax(logits / temperature) (temperature 0: greedy); the returned
-    log-prob is the model's own (untempered) sequence log-probability including eos.
-    Seeded with a torch.Generator on the model's device; runs in the caller's precision
-    context (`benchmark.llm.precision.inference_precision`).
-    """
-    from tqdm.auto import tqdm
-    from transformers import DynamicCache
-
-    if n_samples < 1 or max_new_tokens < 1:
-        raise ValueError("n_samples and max_new_tokens must be >= 1")
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    gen = torch.Generator(device=device)
-    gen.manual_seed(int(seed))
-    order = np.argsort([-len(p) for p in prompt_ids], kind="stable")
-    results: list[list[tuple[list[int], float]]] = [[] for _ in prompt_ids]
-    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
-    with contextlib.nullcontext():
-        for chunk in tqdm(batches, desc="sample", disable=not progress, dynamic_ncols=True):
-            prompts = [list(prompt_ids[int(i)]) or [eos_id] for i in chunk]
-            width = max(len(p) for p in prompts)
-            ids = torch.full((len(prompts), width), int(pad_id), dtype=torch.long)
-            mask = torch.zeros_like(ids)
-            for r, p in enumerate(prompts):  # left padding
-                ids[r, width - len(p) :] = torch.as_tensor(p)
-                mask[r, width - len(p) :] = 1
-            ids, mask = ids.to(device), mask.to(device)
-            plen = mask.sum(1)
-            out = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0),
-                        past_key_values=DynamicCache(), use_cache=True, logits_to_keep=1)
-            cache = out.past_key_values
-            cache.batch_repeat_interleave(n_samples)
-            logits = out.logits[:, -1, :].float().repeat_interleave(n_samples, 0)
-            mask = mask.repeat_interleave(n_samples, 0)
-            positions = plen.repeat_interleave(n_samples)
-            rows = logits.shape[0]
-            done = torch.zeros(rows, dtype=torch.bool, device=device)
-            logp = torch.zeros(rows, device=device)
-            tokens: list[torch.Tensor] = []
-            for step in range(max_new_tokens):
-                log_probs = torch.log_softmax(logits, -1)
-                if temperature > 0:
-                    probs = torch.softmax(logits / temperature, -1)
-                    nxt = torch.multinomial(probs, 1, generator=gen)[:, 0]
-                else:
-                    nxt = logits.argmax(-1)
-                logp = logp + torch.where(done, torch.zeros_like(logp), log_probs.gather(1, nxt[:, None])[:, 0])
-                nxt = torch.where(done, torch.full_like(nxt, int(pad_id)), nxt)
-                tokens.append(nxt)
-                done = done | (nxt == eos_id)
-                if bool(done.all()) or step == max_new_tokens - 1:
-                    break
-                mask = torch.cat([mask, torch.ones((rows, 1), dtype=mask.dtype, device=device)], 1)
-                out = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=(positions + step)[:, None],
-                            past_key_values=cache, use_cache=True)
-                logits = out.logits[:, -1, :].float()
-            seqs = torch.stack(tokens, 1).cpu().numpy()
-            scores = logp.cpu().numpy()
-            for b, i in enumerate(chunk):
-                user = []
-                for j in range(b * n_samples, (b + 1) * n_samples):
-                    seq = seqs[j].tolist()
-                    seq = seq[: seq.index(eos_id)] if eos_id in seq else seq
-                    user.append((seq, float(scores[j])))
-                results[int(i)] = user
-    model.train(was_training)
-    return results
 
 
 # -- the method ------------------------------------------------------------------------------------
