@@ -112,8 +112,8 @@ from benchmark.errors import ConfigError
 from benchmark.llm.contrastive import DIRECTIONS, info_nce, span_mean, text_groups
 from benchmark.hparams import hp
 from benchmark.llm.fields import BUNDLED_LLM, LLMFields, TrainFields
-from benchmark.llm.loading import LLM, load_llm, resolve_device
-from benchmark.llm.precision import PRECISIONS, autocast, cpu_threads, fp32, inference_precision, weight_dtype
+from benchmark.llm.loading import LLM
+from benchmark.llm.precision import PRECISIONS, autocast, cpu_threads, fp32, inference_precision
 from benchmark.llm.pooling import batch_ids, cached_item_embeddings, embed_batches, last_hidden, pooled_hidden
 from benchmark.llm.prompts import (
     IGNORE,
@@ -382,9 +382,7 @@ class CALRec(Method):
 
     # -- setup -------------------------------------------------------------------------------
     def _load(self) -> LLM:
-        p = self.params
-        return load_llm(p.llm or self.ctx.llm, dtype=weight_dtype(p.precision),
-                        device=resolve_device(self.ctx.device or "auto"))
+        return self.params.load_model(self.ctx)
 
     def train_config(self, stage: int) -> TrainConfig:
         p = self.params

@@ -49,8 +49,8 @@ from benchmark.config import params_key
 from benchmark.errors import ConfigError
 from benchmark.hparams import fields_with_role, hp
 from benchmark.llm.fields import BUNDLED_LLM, LLMFields, TrainFields
-from benchmark.llm.loading import LLM, load_llm, resolve_device
-from benchmark.llm.precision import PRECISIONS, cpu_threads, weight_dtype
+from benchmark.llm.loading import LLM
+from benchmark.llm.precision import PRECISIONS, cpu_threads
 from benchmark.llm.prompts import IGNORE, ITEM_TEXT_STYLES, PromptTemplate, catalog_texts, prompt_frame
 from benchmark.llm.training import (
     TrainConfig,
@@ -242,8 +242,7 @@ class LlamaRec(Method):
     def _fit(self, data: TrainData) -> None:
         p = self.params
         self.retriever = self._load_retriever()
-        self.llm = load_llm(p.llm or self.ctx.llm, dtype=weight_dtype(p.precision),
-                            device=resolve_device(self.ctx.device or "auto"), quantize=p.quantize)
+        self.llm = p.load_model(self.ctx)
         self.letter_ids = label_token_ids(self.llm, index_labels(p.k))
         self.texts = self._truncated_texts(data)
         config = p.train_config(seed=self.ctx.seed, precision=p.precision, progress=self.ctx.progress)

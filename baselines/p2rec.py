@@ -95,8 +95,8 @@ from benchmark.hparams import hp
 from benchmark.llm.fields import BUNDLED_LLM, LLMFields, TrainFields
 from benchmark.llm.kmeans import kmeans
 from benchmark.llm.kv_cache import cache_kwargs, output_cache
-from benchmark.llm.loading import LLM, load_llm, resolve_device
-from benchmark.llm.precision import PRECISIONS, autocast, cpu_threads, weight_dtype
+from benchmark.llm.loading import LLM, resolve_device
+from benchmark.llm.precision import PRECISIONS, autocast, cpu_threads
 from benchmark.llm.pooling import POOLINGS, batch_ids, cached_item_embeddings, embed_batches, pool, pooled_hidden
 from benchmark.llm.prompts import ITEM_TEXT_STYLES, PromptTemplate, catalog_texts, prompt_ids_batch
 from benchmark.llm.training import (
@@ -561,7 +561,7 @@ class P2Rec(Method):
         # stage 1 -------------------------------------------------------------------------------
         device = resolve_device(self.ctx.device or "auto")
         t0 = time.perf_counter()
-        self.llm: LLM | None = load_llm(p.llm or self.ctx.llm, dtype=weight_dtype(p.precision), device=device)
+        self.llm: LLM | None = p.load_model(self.ctx)
         notes["llm"] = self.llm.name
         notes["llm_load_seconds"] = round(time.perf_counter() - t0, 2)
         self.template = TEMPLATES[p.prompt]

@@ -49,8 +49,8 @@ import torch
 from benchmark.errors import ConfigError
 from benchmark.hparams import fields_with_role, hp
 from benchmark.llm.fields import BUNDLED_LLM, LLMFields, TrainFields
-from benchmark.llm.loading import LLM, load_llm, resolve_device
-from benchmark.llm.precision import PRECISIONS, cpu_threads, inference_precision, weight_dtype
+from benchmark.llm.loading import LLM
+from benchmark.llm.precision import PRECISIONS, cpu_threads, inference_precision
 from benchmark.llm.prompts import (
     ITEM_TEXT_STYLES,
     TEMPLATES,
@@ -160,9 +160,7 @@ class SFT(Method):
 
     # -- setup ---------------------------------------------------------------------------------
     def _load(self) -> LLM:
-        p = self.params
-        device = resolve_device(self.ctx.device or "auto")
-        return load_llm(p.llm or self.ctx.llm, dtype=weight_dtype(p.precision), device=device)
+        return self.params.load_model(self.ctx)
 
     def train_config(self) -> TrainConfig:
         return self.params.train_config(seed=self.ctx.seed, precision=self.params.precision,
