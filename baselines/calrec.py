@@ -612,20 +612,25 @@ class CALRec(Method):
                                 "stage1_examples": self.n_stage1, "item_text": p.item_text}
         if p.inference == "bm25":
             info.update(n_samples=p.n_samples, temperature=p.temperature)
+        info.update(self.ranking_info(ranked, request))
+        ranked.info.update(info)
+        self.ctx.notes.setdefault("calrec", {})["inference"] = p.inference
+        return ranked
+
+    def ranking_info(self, ranked: RankedLists, request: RankRequest) -> dict[str, Any]:
+        """What the lists say about all ranked users (the runner recomputes it on merged shards)."""
+        p = self.params
+        filled = np.asarray(ranked.extras["filled"])
         leaks = (self.ctx.notes.get("calrec") or {}).get("stage1_leak") or []
         stage1 = (f"stage 1 on {self.stage1_names} ({self.n_stage1} examples"
                   + (f"; LEAK FLAGGED: {', '.join(leaks)} has interactions after the target's test start" if leaks
                      else "") + ")") if self.n_stage1 else "no stage 1"
         mode = (f"BM25 over {p.n_samples} sampled generations (T={p.temperature:g}), round-robin"
                 if p.inference == "bm25" else "dense user-tower retrieval")
-        info["filled_positions"] = int(filled.sum())
-        info["leaderboard_note"] = (f"{self.llm.name}, {self.n_train} training examples, {stage1}; inference: {mode}"
-                                    + (f"; {int((filled > 0).sum())} users' lists filled by popularity "
-                                       f"({int(filled.sum())} positions)" if filled.any() else "")
-                                    + f", {p.precision}")
-        ranked.info.update(info)
-        self.ctx.notes.setdefault("calrec", {})["inference"] = p.inference
-        return ranked
+        note = (f"{self.llm.name}, {self.n_train} training examples, {stage1}; inference: {mode}"
+                + (f"; {int((filled > 0).sum())} users' lists filled by popularity ({int(filled.sum())} positions)"
+                   if filled.any() else "") + f", {p.precision}")
+        return {"filled_positions": int(filled.sum()), "leaderboard_note": note}
 
     def _prompts(self, request: RankRequest) -> list[list[int]]:
         hists = [history_texts(self.texts, h, self.params.history_len) for h in request.histories]
