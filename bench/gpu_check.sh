@@ -16,7 +16,7 @@ export PYTHONPATH=/tmp/site:$root PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS
 export BENCHMARK_CACHE=${BENCHMARK_CACHE:-/tmp/bench-cache}
 runs=${GPU_CHECK_RUNS:-/tmp/gpu-check-runs}
 if [[ -n "${GPU_CHECK_DRY:-}" ]]; then
-  dev=cpu; cft_args="--batch 2 --steps 1 --threads 2"; dec_args="--users 4 --batches 2 --naive-users 1"
+  dev=cpu; cft_args="--batch 2 --steps 1 --threads 2"; dec_args="--users 4 --batches 2 --naive-users 1 --beams 4 --k 5"
   lr_args="--users 4 --batches 2 --histories 10 --naive-users 1"
   run_args="--eval-users 8 --set cft.max_train_examples=16 --set sft.max_train_examples=16 --set cft.valid_users=4
             --set sft.valid_users=4 --set cft.num_beams=2 --set sft.num_beams=2 --set cft.max_new_tokens=12
