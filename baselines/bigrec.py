@@ -23,7 +23,7 @@ from typing import ClassVar
 
 from baselines.sft import SFT, SFTParams
 from benchmark.hparams import hp
-from benchmark.llm.fields import BUNDLED_LLM
+from benchmark.llm.fields import BUNDLED_LLM, QUANTIZE
 from benchmark.llm.precision import PRECISIONS
 from benchmark.recipes import Budget
 from benchmark.registry import register_method
@@ -41,6 +41,9 @@ class BIGRecParams(SFTParams):
     precision: str = hp("bf16", choices=PRECISIONS, reference="int8 base weights, fp16 autocast",
                         why="8-bit loading needs bitsandbytes on CUDA; bf16 is the nearest precision the harness runs",
                         source=f"{BIGREC} train.py:114 load_in_8bit=True, train.py:243 fp16=True")
+    quantize: str = hp("none", choices=QUANTIZE, reference="8bit",
+                       why="8-bit loading is not implemented; quantize=4bit (CUDA) is the nearest",
+                       source=f"{BIGREC} train.py:114 load_in_8bit=True")
     history_len: int = hp(10, ge=1, source=f"{BIGREC} data/movie/process.ipynb cell 3 seq_len = 10")
     min_history: int = hp(10, ge=1, source=f"{BIGREC} data/movie/process.ipynb cell 3 range(10, len): exactly 10")
     train_on_inputs: bool = hp(True, source=f"{BIGREC} README --train_on_inputs")

@@ -94,7 +94,6 @@ stage, catalog embedding seconds and whether they came from the cache (dense).
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import json
@@ -113,8 +112,8 @@ from benchmark.errors import ConfigError
 from benchmark.llm.contrastive import DIRECTIONS, info_nce, span_mean, text_groups
 from benchmark.hparams import hp
 from benchmark.llm.fields import BUNDLED_LLM, LLMFields, TrainFields
-from benchmark.llm.loading import LLM, load_llm, resolve_device
-from benchmark.llm.precision import PRECISIONS, autocast, cpu_threads, fp32, inference_precision, weight_dtype
+from benchmark.llm.loading import LLM
+from benchmark.llm.precision import PRECISIONS, autocast, cpu_threads, fp32, inference_precision
 from benchmark.llm.pooling import batch_ids, cached_item_embeddings, embed_batches, last_hidden, pooled_hidden
 from benchmark.llm.prompts import (
     IGNORE,
@@ -127,6 +126,7 @@ from benchmark.llm.prompts import (
     prompt_ids_batch,
     response_ids_batch,
 )
+from benchmark.llm.sampling import sample_generations
 from benchmark.llm.training import (
     TrainConfig,
     TrainResult,
@@ -332,96 +332,6 @@ def calrec_loss(model: Any, batch: dict[str, torch.Tensor], p: CALRecParams) -> 
     return loss.sum(), int(loss.shape[0])
 
 
-# -- temperature sampling ------------------------------------------------------------------------
-
-
-@torch.inference_mode()
-def sample_generations(
-    model: Any,
-    prompt_ids: Sequence[Sequence[int]],
-    *,
-    n_samples: int,
-    temperature: float,
-    max_new_tokens: int,
-    pad_id: int,
-    eos_id: int,
-    batch_size: int = 8,
-    seed: int = 0,
-    progress: bool = True,
-) -> list[list[tuple[list[int], float]]]:
-    """`n_samples` temperature samples per prompt: (token ids without eos, model log-prob).
-
-    The prompt runs once per user; its KV cache is repeated for the user's samples. Tokens
-    are drawn from softmax(logits / temperature) (temperature 0: greedy); the returned
-    log-prob is the model's own (untempered) sequence log-probability including eos.
-    Seeded with a torch.Generator on the model's device; runs in the caller's precision
-    context (`benchmark.llm.precision.inference_precision`).
-    """
-    from tqdm.auto import tqdm
-    from transformers import DynamicCache
-
-    if n_samples < 1 or max_new_tokens < 1:
-        raise ValueError("n_samples and max_new_tokens must be >= 1")
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    gen = torch.Generator(device=device)
-    gen.manual_seed(int(seed))
-    order = np.argsort([-len(p) for p in prompt_ids], kind="stable")
-    results: list[list[tuple[list[int], float]]] = [[] for _ in prompt_ids]
-    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
-    with contextlib.nullcontext():
-        for chunk in tqdm(batches, desc="sample", disable=not progress, dynamic_ncols=True):
-            prompts = [list(prompt_ids[int(i)]) or [eos_id] for i in chunk]
-            width = max(len(p) for p in prompts)
-            ids = torch.full((len(prompts), width), int(pad_id), dtype=torch.long)
-            mask = torch.zeros_like(ids)
-            for r, p in enumerate(prompts):  # left padding
-                ids[r, width - len(p) :] = torch.as_tensor(p)
-                mask[r, width - len(p) :] = 1
-            ids, mask = ids.to(device), mask.to(device)
-            plen = mask.sum(1)
-            out = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0),
-                        past_key_values=DynamicCache(), use_cache=True, logits_to_keep=1)
-            cache = out.past_key_values
-            cache.batch_repeat_interleave(n_samples)
-            logits = out.logits[:, -1, :].float().repeat_interleave(n_samples, 0)
-            mask = mask.repeat_interleave(n_samples, 0)
-            positions = plen.repeat_interleave(n_samples)
-            rows = logits.shape[0]
-            done = torch.zeros(rows, dtype=torch.bool, device=device)
-            logp = torch.zeros(rows, device=device)
-            tokens: list[torch.Tensor] = []
-            for step in range(max_new_tokens):
-                log_probs = torch.log_softmax(logits, -1)
-                if temperature > 0:
-                    probs = torch.softmax(logits / temperature, -1)
-                    nxt = torch.multinomial(probs, 1, generator=gen)[:, 0]
-                else:
-                    nxt = logits.argmax(-1)
-                logp = logp + torch.where(done, torch.zeros_like(logp), log_probs.gather(1, nxt[:, None])[:, 0])
-                nxt = torch.where(done, torch.full_like(nxt, int(pad_id)), nxt)
-                tokens.append(nxt)
-                done = done | (nxt == eos_id)
-                if bool(done.all()) or step == max_new_tokens - 1:
-                    break
-                mask = torch.cat([mask, torch.ones((rows, 1), dtype=mask.dtype, device=device)], 1)
-                out = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=(positions + step)[:, None],
-                            past_key_values=cache, use_cache=True)
-                logits = out.logits[:, -1, :].float()
-            seqs = torch.stack(tokens, 1).cpu().numpy()
-            scores = logp.cpu().numpy()
-            for b, i in enumerate(chunk):
-                user = []
-                for j in range(b * n_samples, (b + 1) * n_samples):
-                    seq = seqs[j].tolist()
-                    seq = seq[: seq.index(eos_id)] if eos_id in seq else seq
-                    user.append((seq, float(scores[j])))
-                results[int(i)] = user
-    model.train(was_training)
-    return results
-
-
 # -- the method ------------------------------------------------------------------------------------
 
 
@@ -472,9 +382,7 @@ class CALRec(Method):
 
     # -- setup -------------------------------------------------------------------------------
     def _load(self) -> LLM:
-        p = self.params
-        return load_llm(p.llm or self.ctx.llm, dtype=weight_dtype(p.precision),
-                        device=resolve_device(self.ctx.device or "auto"))
+        return self.params.load_model(self.ctx)
 
     def train_config(self, stage: int) -> TrainConfig:
         p = self.params
@@ -704,20 +612,25 @@ class CALRec(Method):
                                 "stage1_examples": self.n_stage1, "item_text": p.item_text}
         if p.inference == "bm25":
             info.update(n_samples=p.n_samples, temperature=p.temperature)
+        info.update(self.ranking_info(ranked, request))
+        ranked.info.update(info)
+        self.ctx.notes.setdefault("calrec", {})["inference"] = p.inference
+        return ranked
+
+    def ranking_info(self, ranked: RankedLists, request: RankRequest) -> dict[str, Any]:
+        """What the lists say about all ranked users (the runner recomputes it on merged shards)."""
+        p = self.params
+        filled = np.asarray(ranked.extras["filled"])
         leaks = (self.ctx.notes.get("calrec") or {}).get("stage1_leak") or []
         stage1 = (f"stage 1 on {self.stage1_names} ({self.n_stage1} examples"
                   + (f"; LEAK FLAGGED: {', '.join(leaks)} has interactions after the target's test start" if leaks
                      else "") + ")") if self.n_stage1 else "no stage 1"
         mode = (f"BM25 over {p.n_samples} sampled generations (T={p.temperature:g}), round-robin"
                 if p.inference == "bm25" else "dense user-tower retrieval")
-        info["filled_positions"] = int(filled.sum())
-        info["leaderboard_note"] = (f"{self.llm.name}, {self.n_train} training examples, {stage1}; inference: {mode}"
-                                    + (f"; {int((filled > 0).sum())} users' lists filled by popularity "
-                                       f"({int(filled.sum())} positions)" if filled.any() else "")
-                                    + f", {p.precision}")
-        ranked.info.update(info)
-        self.ctx.notes.setdefault("calrec", {})["inference"] = p.inference
-        return ranked
+        note = (f"{self.llm.name}, {self.n_train} training examples, {stage1}; inference: {mode}"
+                + (f"; {int((filled > 0).sum())} users' lists filled by popularity ({int(filled.sum())} positions)"
+                   if filled.any() else "") + f", {p.precision}")
+        return {"filled_positions": int(filled.sum()), "leaderboard_note": note}
 
     def _prompts(self, request: RankRequest) -> list[list[int]]:
         hists = [history_texts(self.texts, h, self.params.history_len) for h in request.histories]

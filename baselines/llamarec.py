@@ -43,14 +43,13 @@ from dataclasses import dataclass, is_dataclass
 from typing import Any, ClassVar
 
 import numpy as np
-import torch
 
 from benchmark.config import params_key
 from benchmark.errors import ConfigError
 from benchmark.hparams import fields_with_role, hp
 from benchmark.llm.fields import BUNDLED_LLM, LLMFields, TrainFields
-from benchmark.llm.loading import LLM, load_llm, resolve_device
-from benchmark.llm.precision import PRECISIONS, cpu_threads, weight_dtype
+from benchmark.llm.loading import LLM
+from benchmark.llm.precision import PRECISIONS, cpu_threads
 from benchmark.llm.prompts import IGNORE, ITEM_TEXT_STYLES, PromptTemplate, catalog_texts, prompt_frame
 from benchmark.llm.training import (
     TrainConfig,
@@ -66,6 +65,7 @@ from benchmark.recipes import Budget
 from benchmark.registry import Method, get_method, register_method
 from benchmark.types import PAD, CandidateSet, RankedLists, RankRequest, TrainData
 
+ENCODE_CHUNK = 2048  # prompts tokenized per tokenizer call
 SYSTEM = "Given user history in chronological order, recommend an item from the candidate pool with its index letter."
 TEST_ORDERS = ("retriever", "shuffled")
 
@@ -178,11 +178,21 @@ class LlamaRec(Method):
             return before + SYSTEM + after.replace("{input}", f"### Input:\n{message}\n\n")
         return before + message + after
 
-    def encode_prompts(self, histories: list[np.ndarray], candidates: list[np.ndarray]) -> list[list[int]]:
+    def encode_prompts(self, histories: list[np.ndarray], candidates: list[np.ndarray],
+                       chunk: int | None = None) -> list[np.ndarray]:
+        """Token ids (int32) of each prompt, tokenized `chunk` prompts at a time: the texts and
+        the tokenizer's Python lists of one chunk exist at once, never those of every prompt
+        (ML-1M has 981k training prompts of ~600 tokens: tens of GiB as Python ints)."""
         _, _, add_special = self._frame()
         n = self._history_len()
-        texts = [self.prompt_text(np.asarray(h)[-n:], c) for h, c in zip(histories, candidates)]
-        return [list(ids) for ids in self.llm.tokenizer(texts, add_special_tokens=add_special)["input_ids"]]
+        chunk = chunk or ENCODE_CHUNK
+        out: list[np.ndarray] = []
+        for start in range(0, len(histories), chunk):
+            texts = [self.prompt_text(np.asarray(h)[-n:], c)
+                     for h, c in zip(histories[start : start + chunk], candidates[start : start + chunk])]
+            ids = self.llm.tokenizer(texts, add_special_tokens=add_special)["input_ids"]
+            out.extend(np.asarray(row, dtype=np.int32) for row in ids)
+        return out
 
     def _history_len(self) -> int:
         return int(self.params.history_len)
@@ -200,23 +210,23 @@ class LlamaRec(Method):
         k = self.params.k
         pairs = [(u, t) for u, seq in enumerate(data.train) for t in range(1, len(seq))]
         pairs = cap_examples(pairs, cap, seed=self.ctx.seed)
-        histories, cand_lists, answers = [], [], []
-        for index, (u, t) in enumerate(pairs):
-            seq = data.train[u]
-            rng = np.random.default_rng([self.ctx.seed, 7, index])
-            target = int(seq[t])
-            negatives = negatives_for(rng, data.n_items, np.append(seq[:t], target), k - 1)
-            cands = rng.permutation(np.append(negatives, target))
-            histories.append(seq[:t])
-            cand_lists.append(cands)
-            answers.append(int(np.flatnonzero(cands == target)[0]))
-        prompts = self.encode_prompts(histories, cand_lists)
         out = []
-        for prompt, answer in zip(prompts, answers):
-            response = [self.letter_ids[answer], self.llm.eos_id]
-            ids = np.asarray(prompt + response, dtype=np.int32)
-            labels = np.asarray([IGNORE] * len(prompt) + response, dtype=np.int32)
-            out.append((ids, labels))
+        for start in range(0, len(pairs), ENCODE_CHUNK):  # one chunk of prompt texts at a time
+            histories, cand_lists, answers = [], [], []
+            for index, (u, t) in enumerate(pairs[start : start + ENCODE_CHUNK], start):
+                seq = data.train[u]
+                rng = np.random.default_rng([self.ctx.seed, 7, index])
+                target = int(seq[t])
+                negatives = negatives_for(rng, data.n_items, np.append(seq[:t], target), k - 1)
+                cands = rng.permutation(np.append(negatives, target))
+                histories.append(seq[:t])
+                cand_lists.append(cands)
+                answers.append(int(np.flatnonzero(cands == target)[0]))
+            for prompt, answer in zip(self.encode_prompts(histories, cand_lists), answers):
+                response = np.asarray([self.letter_ids[answer], self.llm.eos_id], dtype=np.int32)
+                ids = np.concatenate([prompt, response])
+                labels = np.concatenate([np.full(len(prompt), IGNORE, dtype=np.int32), response])
+                out.append((ids, labels))
         return out
 
     # -- stage 1 ------------------------------------------------------------------------------------
@@ -242,8 +252,7 @@ class LlamaRec(Method):
     def _fit(self, data: TrainData) -> None:
         p = self.params
         self.retriever = self._load_retriever()
-        self.llm = load_llm(p.llm or self.ctx.llm, dtype=weight_dtype(p.precision),
-                            device=resolve_device(self.ctx.device or "auto"), quantize=p.quantize)
+        self.llm = p.load_model(self.ctx)
         self.letter_ids = label_token_ids(self.llm, index_labels(p.k))
         self.texts = self._truncated_texts(data)
         config = p.train_config(seed=self.ctx.seed, precision=p.precision, progress=self.ctx.progress)

@@ -94,8 +94,9 @@ from benchmark.errors import ConfigError
 from benchmark.hparams import hp
 from benchmark.llm.fields import BUNDLED_LLM, LLMFields, TrainFields
 from benchmark.llm.kmeans import kmeans
-from benchmark.llm.precision import PRECISIONS, autocast, cpu_threads, weight_dtype
-from benchmark.llm.loading import LLM, load_llm, resolve_device
+from benchmark.llm.kv_cache import cache_kwargs, output_cache
+from benchmark.llm.loading import LLM, resolve_device
+from benchmark.llm.precision import PRECISIONS, autocast, cpu_threads
 from benchmark.llm.pooling import POOLINGS, batch_ids, cached_item_embeddings, embed_batches, pool, pooled_hidden
 from benchmark.llm.prompts import ITEM_TEXT_STYLES, PromptTemplate, catalog_texts, prompt_ids_batch
 from benchmark.llm.training import (
@@ -270,7 +271,7 @@ def embed_shared_prefix(
     prefix = torch.as_tensor([list(ids[0][:prefix_len])], dtype=torch.long, device=device)
     with contextlib.nullcontext():  # the caller's precision context applies
         out = body(input_ids=prefix, attention_mask=torch.ones_like(prefix), use_cache=True)
-    cache = out.past_key_values
+    cache = output_cache(out)
     prefix_sum = out.last_hidden_state[0].float().sum(0)  # [d]
     order = sorted(range(n), key=lambda i: -len(ids[i]))
     result: torch.Tensor | None = None
@@ -284,7 +285,7 @@ def embed_shared_prefix(
         past.batch_repeat_interleave(len(rows))
         with contextlib.nullcontext():
             o = body(input_ids=batch["input_ids"], attention_mask=full_mask, position_ids=positions,
-                     past_key_values=past, use_cache=True)
+                     use_cache=True, **cache_kwargs(body, past))
         hidden = o.last_hidden_state.float()
         if pooling == "mean":
             m = mask.to(hidden.dtype)
@@ -560,7 +561,7 @@ class P2Rec(Method):
         # stage 1 -------------------------------------------------------------------------------
         device = resolve_device(self.ctx.device or "auto")
         t0 = time.perf_counter()
-        self.llm: LLM | None = load_llm(p.llm or self.ctx.llm, dtype=weight_dtype(p.precision), device=device)
+        self.llm: LLM | None = p.load_model(self.ctx)
         notes["llm"] = self.llm.name
         notes["llm_load_seconds"] = round(time.perf_counter() - t0, 2)
         self.template = TEMPLATES[p.prompt]

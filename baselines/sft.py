@@ -52,8 +52,8 @@ import torch
 from benchmark.errors import ConfigError
 from benchmark.hparams import fields_with_role, hp
 from benchmark.llm.fields import BUNDLED_LLM, LLMFields, TrainFields
-from benchmark.llm.loading import LLM, load_llm, resolve_device
-from benchmark.llm.precision import PRECISIONS, cpu_threads, inference_precision, weight_dtype
+from benchmark.llm.loading import LLM
+from benchmark.llm.precision import PRECISIONS, cpu_threads, inference_precision
 from benchmark.llm.prompts import (
     ITEM_TEXT_STYLES,
     TEMPLATES,
@@ -167,9 +167,7 @@ class SFT(Method):
 
     # -- setup ---------------------------------------------------------------------------------
     def _load(self) -> LLM:
-        p = self.params
-        device = resolve_device(self.ctx.device or "auto")
-        return load_llm(p.llm or self.ctx.llm, dtype=weight_dtype(p.precision), device=device)
+        return self.params.load_model(self.ctx)
 
     def train_config(self) -> TrainConfig:
         return self.params.train_config(seed=self.ctx.seed, precision=self.params.precision,
@@ -330,15 +328,21 @@ class SFT(Method):
             "llm": self.llm.name,
             "train_examples": self.n_train,
             "precision": p.precision,
-            "filled_positions": int(filled.sum()),
             "leaderboard_note": f"{self.llm.name}, {self.n_train} training examples, {grounding}, {p.precision}",
         }
-        if filled.any():
-            info["note"] = (f"{int((filled > 0).sum())} of {len(ranked.users)} users got fewer than k={request.k} "
-                            f"items from {p.grounding} grounding; {int(filled.sum())} positions were filled with "
-                            "the most popular unseen training items")
+        info.update(self.ranking_info(ranked, request))
         ranked.info.update(info)
         return ranked
+
+    def ranking_info(self, ranked: RankedLists, request: RankRequest) -> dict[str, Any]:
+        """What the lists say about all ranked users (the runner recomputes it on merged shards)."""
+        filled = np.asarray(ranked.extras["filled"])
+        info: dict[str, Any] = {"filled_positions": int(filled.sum())}
+        if filled.any():
+            info["note"] = (f"{int((filled > 0).sum())} of {len(ranked.users)} users got fewer than k={request.k} "
+                            f"items from {self.params.grounding} grounding; {int(filled.sum())} positions were "
+                            "filled with the most popular unseen training items")
+        return info
 
     def _rank_trie(self, model: Any, request: RankRequest, progress: bool) -> RankedLists:
         from benchmark.llm.decoding import constrained_beam_search

@@ -2,6 +2,7 @@
 
     python bench/bench_cft.py --device cpu --batch 8 --steps 3 --threads 1
     python bench/bench_cft.py --device cuda --batch 64 --steps 20        # bf16 autocast
+    python bench/bench_cft.py --device cuda --batch 64 --steps 20 --full --compile --variants sft,cft
 
 Real SmolLM2-135M-Instruct (bundled GGUF via load_llm), real ML-100K prompts (10 history
 titles). Three variants, each forward + backward + AdamW step on LoRA adapters:
@@ -23,6 +24,7 @@ units x 8 lanes x 2), or --peak-tflops.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -37,22 +39,27 @@ from baselines.cft import cft_loss, pack_batch
 from benchmark.data.split import prepare_split
 from benchmark.llm.loading import load_llm
 from benchmark.llm.prompts import IGNORE, catalog_texts, encode_examples, get_template
-from benchmark.llm.training import TrainConfig, collate, example_loss, prepare_model
+from benchmark.llm.precision import tf32
+from benchmark.llm.training import TrainConfig, collate, decoder_body, example_loss, prepare_model
 
 H100_PEAK = 989e12
 CPU_PEAK_PER_THREAD = 80e9
 
 
 def examples(llm, n: int, seed: int = 0):
+    """n distinct (user, position) training examples with 10 history items (ML-100K has ~86k;
+    sampling distinct users instead would stop at its 943 users)."""
     split = prepare_split("ml-100k")
     texts = catalog_texts(split.catalog, "title_year")
     rng = np.random.default_rng(seed)
-    users = rng.choice([u for u in range(split.n_users) if len(split.train[u]) > 11], size=n, replace=False)
+    pairs = [(u, t) for u in range(split.n_users) for t in range(10, len(split.train[u]))]
+    if n > len(pairs):
+        raise SystemExit(f"--batch x (--steps + 1) = {n} examples asked for; ML-100K has {len(pairs)}")
     hists, targets = [], []
-    for u in users:
+    for i in np.sort(rng.choice(len(pairs), size=n, replace=False)):
+        u, t = pairs[int(i)]
         seq = split.train[u]
-        t = int(rng.integers(10, len(seq)))
-        hists.append([texts[i] for i in seq[t - 10 : t]])
+        hists.append([texts[j] for j in seq[t - 10 : t]])
         targets.append(texts[int(seq[t])])
     tmpl = get_template("movie")
     fact = encode_examples(llm, tmpl, hists, targets)
@@ -76,11 +83,17 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--peak-tflops", type=float, default=0.0, help="peak for MFU (default: see the docstring)")
+    ap.add_argument("--full", action="store_true", help="full fine-tuning (CFT's recipe) instead of LoRA")
+    ap.add_argument("--compile", action="store_true", help="torch.compile the decoder body (as train(compile=True))")
+    ap.add_argument("--variants", default="sft,cft,naive")
+    ap.add_argument("--json", default="", help="also write the results to this JSON file")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     llm = load_llm(None, device=args.device)
-    model = prepare_model(llm.model, TrainConfig(lora=True))
+    model = prepare_model(llm.model, TrainConfig(lora=not args.full))
+    if args.compile:
+        decoder_body(model).compile(dynamic=True)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     dev = llm.device
     cuda = dev.type == "cuda"
@@ -94,7 +107,7 @@ def main() -> None:
             if cuda:
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
+            with tf32(dev), torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
                 if variant == "sft":
                     batch = collate([(f, l) for f, l, _, _ in chunk], llm.pad_id, dev)
                     loss, n = example_loss(model, batch, reduction="sum")
@@ -123,15 +136,24 @@ def main() -> None:
     head = llm.model.get_input_embeddings().weight.numel()
     body = n_params - head
     results = {}
-    for variant in ("sft", "cft", "naive"):
+    report = {"device": str(dev), "batch": args.batch, "steps": args.steps, "full": args.full,
+              "compile": args.compile, "params": n_params, "peak_tflops": peak / 1e12, "variants": {}}
+    for variant in args.variants.split(","):
         step, tokens, targets = run(variant)
         tps = tokens / (step * args.steps)
         mfu_6n = 6 * n_params * tps / peak
         mfu_lora = (4 * body * tokens + 4 * head * targets) / (step * args.steps) / peak
         results[variant] = step
+        report["variants"][variant] = {"step_ms": step * 1000, "tokens_per_s": tps, "mfu_6n": mfu_6n,
+                                       "mfu_lora": mfu_lora}
         print(f"{variant:6s} step {step * 1000:9.1f} ms  {tps:9.0f} tokens/s  MFU(6N) {mfu_6n:.1%}  "
-              f"MFU(LoRA) {mfu_lora:.1%}")
-    print(f"cft/sft {results['cft'] / results['sft']:.2f}x   naive/sft {results['naive'] / results['sft']:.2f}x")
+              f"MFU(LoRA) {mfu_lora:.1%}", flush=True)
+    if "sft" in results and "cft" in results:
+        report["cft_over_sft"] = results["cft"] / results["sft"]
+        print(f"cft/sft {report['cft_over_sft']:.2f}x"
+              + (f"   naive/sft {results['naive'] / results['sft']:.2f}x" if "naive" in results else ""))
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=1))
 
 
 if __name__ == "__main__":

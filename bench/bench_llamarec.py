@@ -35,7 +35,7 @@ from benchmark.registry import RunContext  # noqa: E402
 
 def build(device: str, history: int):
     split = prepare_split("ml-100k")
-    method = LlamaRec(LlamaRecParams(history_len=str(history)), RunContext(0, device, Path("/tmp"), lambda r: {}))
+    method = LlamaRec(LlamaRecParams(history_len=history), RunContext(0, device, Path("/tmp"), lambda r: {}))
     method.llm = load_llm(device=device)
     method.texts = method._truncated_texts(split.train_data())
     return split, method
@@ -44,6 +44,9 @@ def build(device: str, history: int):
 def prompts_for(split, method: LlamaRec, n_users: int, k: int = 20) -> list[list[int]]:
     rng = np.random.default_rng(0)
     hists, cands = [], []
+    if n_users > len(split.test):
+        print(f"--users {n_users}: ML-100K has {len(split.test)} test users; using them all", file=sys.stderr)
+        n_users = len(split.test)
     for row in range(n_users):
         hist = split.test.histories[row]
         unseen = np.setdiff1d(np.arange(split.n_items), hist)
@@ -96,7 +99,7 @@ def main() -> None:
         results.append(row)
         print(json.dumps(row), flush=True)
     print(json.dumps({"device": str(llm.device), "dtype": str(llm.dtype), "threads": args.threads,
-                      "users": args.users, "results": results}))
+                      "users": len(prompts), "results": results}))
 
 
 if __name__ == "__main__":

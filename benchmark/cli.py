@@ -14,7 +14,7 @@ from pathlib import Path
 
 from tabulate import tabulate
 
-from benchmark import __version__
+from benchmark import __version__, parallel
 from benchmark.errors import BenchmarkError, ConfigError
 
 DEFAULT_DATASET = "ml-100k"
@@ -128,6 +128,19 @@ def _check_run_args(args: argparse.Namespace, methods: list[str], overrides: dic
     validate.check_run_target(RunStore(_runs_dir(args)), args.run_id, identity)
 
 
+def _start_processes(args: argparse.Namespace) -> parallel.Procs:
+    """Under a launcher (accelerate launch, torchrun): join its processes, give each its GPU
+    (cuda:LOCAL_RANK), and keep the output to rank 0's."""
+    from benchmark.manifest import resolve_device
+
+    device = resolve_device(args.device)
+    procs = parallel.start(device.split(":", 1)[0])
+    args.device = parallel.process_device(device, procs)
+    if not procs.main:
+        sys.stdout = open(os.devnull, "w", encoding="utf-8")  # noqa: SIM115 - for the process's lifetime
+    return procs
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from benchmark.config import load_config_file, parse_sets
     from benchmark.runner import RunOptions, Runner
@@ -144,6 +157,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     for method, values in sets.items():
         overrides.setdefault(method, {}).update(values)
     _check_run_args(args, methods, overrides, sets)
+    procs = _start_processes(args)
     opts = RunOptions(
         methods=methods,
         dataset=args.dataset,
@@ -161,11 +175,16 @@ def cmd_run(args: argparse.Namespace) -> int:
         force=args.force,
         run_id=args.run_id,
         runs_dir=_runs_dir(args),
-        progress=not args.quiet,
+        progress=not args.quiet and procs.main,
     )
-    split = _prepare(args)
+    if procs.main:  # rank 0 prepares (and caches) the split; the others read its cache
+        split = _prepare(args)
+        parallel.barrier()
+    else:
+        parallel.barrier()
+        split = _prepare(args)
     check_k_fits_catalog(args.k, split.n_items)
-    if args.publish:  # a split the published leaderboard was not made on is refused before any training
+    if args.publish and procs.main:  # a split the published leaderboard was not made on is refused before training
         from benchmark.publish import check_publishable
         from benchmark.runner import method_label
 
@@ -180,6 +199,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     for name in methods:  # every departure from a method's reference recipe, before any work
         print(f"  {runner.resolve(name).note()}")
     outcomes = runner.run()
+    if not procs.main:
+        return 0
     rows = []
     for o in outcomes:
         means = o.metrics["means"]

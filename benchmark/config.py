@@ -153,3 +153,12 @@ def params_key(params: Any) -> dict[str, Any]:
         if name in values and values[name] == legacy:
             del values[name]
     return values
+
+
+def key_params(params: Any) -> dict[str, Any]:
+    """The settings that key a result: `params_key` without the harness fields (threads,
+    inference batch sizes, memory-saving switches), which change no result."""
+    from benchmark.hparams import fields_with_role
+
+    harness = set(fields_with_role(params, "harness"))
+    return {k: v for k, v in params_key(params).items() if k not in harness}

@@ -72,20 +72,50 @@ def device_name(device: str) -> str:
     return f"{platform.processor() or platform.machine()} ({os.cpu_count()} cores)"
 
 
-def peak_memory_mb(device: str) -> dict[str, float]:
-    """Peak resident memory of this process, and peak CUDA memory where used."""
-    out = {"cpu_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0}
-    if device.startswith("cuda"):
-        import torch
+def _hwm_kb() -> float | None:
+    """This process's peak resident set since its last reset (VmHWM), in KiB; None off Linux."""
+    try:
+        with open("/proc/self/status", encoding="ascii", errors="replace") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return float(line.split()[1])
+    except OSError:
+        pass
+    return None
 
-        out["cuda_mb"] = torch.cuda.max_memory_allocated() / 2**20
+
+def reset_peak_memory(device: str) -> None:
+    """Start a unit's peak-memory window: the CUDA allocator's peak on the unit's own device,
+    and the peak resident set (Linux: /proc/self/clear_refs, as `echo 5` resets VmHWM)."""
+    import torch
+
+    if device.startswith("cuda") and torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats(torch.device(device))
+    try:
+        with open("/proc/self/clear_refs", "w", encoding="ascii") as fh:
+            fh.write("5")
+    except OSError:
+        pass
+
+
+def peak_memory_mb(device: str) -> dict[str, float]:
+    """Peak resident memory of this process since `reset_peak_memory` (the whole process's
+    where the reset is not available), and peak CUDA memory on `device` where used."""
+    hwm = _hwm_kb()
+    rss = hwm if hwm is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    out = {"cpu_rss_mb": rss / 1024.0}
+    import torch
+
+    if device.startswith("cuda") and torch.cuda.is_available():
+        out["cuda_mb"] = torch.cuda.max_memory_allocated(torch.device(device)) / 2**20
     return out
 
 
-def manifest(device: str) -> dict:
+def manifest(device: str, processes: int = 1) -> dict:
     import torch
 
     return {
+        "processes": processes,
         "versions": package_versions(),
         "git_commit": git_commit(),
         "python": sys.version.split()[0],

@@ -16,11 +16,12 @@ from typing import Any
 import numpy as np
 
 from benchmark.candidates import Retrieved, build_candidates, parse_protocol, target_in_candidates
-from benchmark.config import params_dict
+from benchmark.config import key_params, params_dict
 from benchmark.data.assets import sha256_file
 from benchmark.errors import ConfigError, MethodError
+from benchmark import parallel
 from benchmark.hparams import fields_with_role
-from benchmark.manifest import manifest, peak_memory_mb, resolve_device
+from benchmark.manifest import manifest, peak_memory_mb, reset_peak_memory, resolve_device
 from benchmark.recipes import Resolved, resolve_recipe
 from benchmark.registry import RunContext, get_method
 from benchmark.scoring.metrics import coverage, per_user_metrics
@@ -131,6 +132,14 @@ def allowed_count(request: RankRequest, row: int, n_items: int) -> int:
     return int(len(pool))
 
 
+def merge_memory(per_process: list[dict[str, float]]) -> dict[str, Any]:
+    """One unit's peak memory: the largest over processes, and each process's when there are several."""
+    out: dict[str, Any] = {name: max(m[name] for m in per_process) for name in per_process[0]}
+    if len(per_process) > 1:
+        out["per_process"] = per_process
+    return out
+
+
 def _written_at(unit: UnitFiles) -> int:
     return (unit.path / "metrics.json").stat().st_mtime_ns
 
@@ -237,10 +246,12 @@ class Runner:
             opts.candidates, split, self.test, cache_dir=self.store.cache_dir, retrieved_loader=self._retrieved
         )
         self._valid_targets = dict(zip(split.valid.users.tolist(), split.valid.targets.tolist()))
-        self.run_id = opts.run_id or self._new_run_id()
+        self.procs = parallel.current()
+        self.run_id = parallel.broadcast(opts.run_id or self._new_run_id())  # one run for every process
         self._fitted: dict[str, Any] = {}  # unit key -> fitted non-LLM method, shared within a run
         self._fit_seconds: dict[str, float] = {}
         self._splits: dict[str, Split] = {split.dataset: split}
+        self._run_peak: dict[str, Any] = {}  # the largest unit peaks of this run
 
     # -- helpers -----------------------------------------------------------------------
     def _new_run_id(self) -> str:
@@ -320,8 +331,7 @@ class Runner:
             "method": resolved.label,
             "class": f"{cls.__module__}.{cls.__qualname__}",
             # harness fields (threads, batch sizes of pure inference loops) change no result
-            "params": {k: v for k, v in params_dict(resolved.params).items()
-                       if k not in fields_with_role(resolved.params, "harness")},
+            "params": key_params(resolved.params),
             "recipe_version": resolved.version,
             "budget": resolved.budget,
             "device": torch_device_type(self.device),
@@ -349,11 +359,13 @@ class Runner:
         cls, label, params = resolved.cls, resolved.label, resolved.params
         key_payload = self._key_payload(resolved, seed)
         key = unit_key(key_payload)
-        if not self.opts.force:
-            done = self.store.find_finished(key)
-            if done is not None:
-                path = self.store.copy_unit(done, self.run_id, label, seed)
-                return UnitOutcome(label, seed, path, UnitFiles(path).metrics, True)
+        done = None if self.opts.force else self.store.find_finished(key)
+        if parallel.broadcast(done is not None):  # rank 0's store decides for every process
+            if not self.procs.main:
+                return UnitOutcome(label, seed, self.store.run_dir(self.run_id), {}, True)
+            path = self.store.copy_unit(done, self.run_id, label, seed)
+            return UnitOutcome(label, seed, path, UnitFiles(path).metrics, True)
+        reset_peak_memory(self.device)
         ctx = self._context(seed, key)
         t0 = time.perf_counter()
         if key in self._fitted:  # already fitted as another method's first stage in this run
@@ -368,15 +380,23 @@ class Runner:
                 self._fit_seconds[key] = train_s
         request = RankRequest(self.test.users, self.test.histories, self.test_candidates, self.opts.k, stage="test")
         t1 = time.perf_counter()
-        try:
-            ranked = method.rank(request)
+        try:  # each process ranks every world-th user; rank 0 gathers, checks and writes
+            part = method.rank(parallel.shard_request(request, self.procs))
         except MethodError as exc:
             raise MethodError(f"method {label}: {exc}") from exc
+        parts = parallel.gather(part)
+        memory = parallel.gather(peak_memory_mb(self.device))
+        if not self.procs.main:
+            return UnitOutcome(label, seed, self.store.run_dir(self.run_id), {}, False)
+        ranked = parallel.merge_ranked(parts)
+        finish = getattr(method, "ranking_info", None)  # facts about all users, recomputed on the merged lists
+        if len(parts) > 1 and callable(finish):
+            ranked.info.update(finish(ranked, request))
         ranked = check_ranking(ranked, request, self.split.n_items, label)
         eval_s = time.perf_counter() - t1
-        return self._write(resolved, seed, key, key_payload, ranked, train_s, eval_s, ctx)
+        return self._write(resolved, seed, key, key_payload, ranked, train_s, eval_s, ctx, merge_memory(memory))
 
-    def _write(self, resolved, seed, key, key_payload, ranked, train_s, eval_s, ctx) -> UnitOutcome:
+    def _write(self, resolved, seed, key, key_payload, ranked, train_s, eval_s, ctx, memory) -> UnitOutcome:
         label, params = resolved.label, resolved.params
         targets = self.test.targets
         metrics = per_user_metrics(ranked.items, targets, CUTOFFS)
@@ -419,7 +439,8 @@ class Runner:
             "fit_wall_s": round(train_s, 3),  # fit() in this run (loading, when cached)
             "train_cached": cached_train is not None,
             "eval_time_s": round(eval_s, 3),
-            "peak_memory": peak_memory_mb(self.device),
+            "peak_memory": memory,
+            "processes": self.procs.world,
             "validity": float(np.mean(ranked.extras["valid"])) if "valid" in ranked.extras else None,
             "two_stage": two_stage,
             "info": {**ranked.info, **ctx.notes, "recipe_note": resolved.note()},
@@ -443,6 +464,9 @@ class Runner:
             "device": self.device,
             "run_id": self.run_id,
         }
+        for name, value in memory.items():
+            if isinstance(value, (int, float)):
+                self._run_peak[name] = max(self._run_peak.get(name, 0.0), float(value))
         path = self.store.write_unit(self.run_id, label, seed, config, rank_rows, per_user_rows, summary)
         return UnitOutcome(label, seed, path, summary, False)
 
@@ -480,17 +504,19 @@ class Runner:
             "budget": opts.budget,
             "recipes": {label: value["recipe"] for label, value in settings.items()},
             "llm": opts.llm,
-            "manifest": manifest(self.device),
+            "manifest": manifest(self.device, processes=self.procs.world),
             "status": "running",
             "stages": {},
         }
-        # an existing run must be of this dataset, protocol and data, and keep one configuration per label
-        check_run_target(self.store, self.run_id, meta)
-        check_label_settings(self.store, self.run_id, settings, opts.seeds)
-        previous = self.store.run_dir(self.run_id) / "run.json"
-        if previous.is_file():  # a rerun or resume: merge with what the run already holds
-            meta = merge_run_meta(self.store.run_meta(self.run_id), meta, list(settings))
-        self.store.start_run(self.run_id, meta)
+        main = self.procs.main  # rank 0 alone reads and writes the run store
+        if main:  # an existing run must be of this dataset, protocol and data, and keep one configuration per label
+            check_run_target(self.store, self.run_id, meta)
+            check_label_settings(self.store, self.run_id, settings, opts.seeds)
+            previous = self.store.run_dir(self.run_id) / "run.json"
+            if previous.is_file():  # a rerun or resume: merge with what the run already holds
+                meta = merge_run_meta(self.store.run_meta(self.run_id), meta, list(settings))
+            self.store.start_run(self.run_id, meta)
+        parallel.barrier()
         outcomes: list[UnitOutcome] = []
         try:
             for name in opts.methods:
@@ -502,9 +528,12 @@ class Runner:
                         "wall_s": round(time.perf_counter() - t0, 3),
                         "reused": outcome.reused,
                     }
-                    self.store.update_run(self.run_id, stages=meta["stages"])
+                    if main:
+                        self.store.update_run(self.run_id, stages=meta["stages"])
         except BaseException as exc:
-            self.store.record_failure(self.run_id, exc)
+            if main:
+                self.store.record_failure(self.run_id, exc)
             raise
-        self.store.update_run(self.run_id, status="finished", peak_memory=peak_memory_mb(self.device))
+        if main:
+            self.store.update_run(self.run_id, status="finished", peak_memory=self._run_peak or peak_memory_mb(self.device))
         return outcomes

@@ -193,6 +193,26 @@ def test_training_examples_hold_the_target_once_and_label_its_letter(model_dir, 
         assert len(re.findall(r"\([A-Z]\) ", pool)) == 6
 
 
+def test_prompts_are_tokenized_in_chunks_with_the_same_ids(model_dir, tmp_path, split, monkeypatch):
+    """Training prompts are tokenized a chunk at a time (ML-1M's 981k prompts at once would
+    take tens of GiB as Python lists); the ids are those of one call over every prompt."""
+    import baselines.llamarec as llamarec_mod
+
+    method = _ranker(model_dir, tmp_path, split)
+    whole = method.training_examples(split.train_data(), cap=7)
+    calls = []
+    tokenizer = method.llm.tokenizer
+    real = type(tokenizer).__call__
+    monkeypatch.setattr(type(tokenizer), "__call__", lambda self, texts, **kw: calls.append(len(texts)) or real(
+        self, texts, **kw))
+    monkeypatch.setattr(llamarec_mod, "ENCODE_CHUNK", 3)
+    chunked = method.training_examples(split.train_data(), cap=7)
+    assert calls == [3, 3, 1]
+    assert len(chunked) == len(whole) == 7
+    for (ids_a, lab_a), (ids_b, lab_b) in zip(chunked, whole):
+        assert ids_a.dtype == np.int32 and np.array_equal(ids_a, ids_b) and np.array_equal(lab_a, lab_b)
+
+
 def test_validation_reranks_only_users_whose_target_was_retrieved(model_dir, tmp_path, split):
     seen = []
 

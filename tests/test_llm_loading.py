@@ -90,8 +90,7 @@ def test_missing_gguf_package_names_the_fix(monkeypatch, tmp_path):
 
 
 def test_dtype_auto():
-    assert resolve_dtype("auto", torch.device("cpu")) == torch.float32
-    assert resolve_dtype("auto", torch.device("cuda")) == torch.bfloat16
+    assert resolve_dtype("auto", torch.device("cpu")) == torch.float32  # CUDA: see test_bf16_on_a_gpu_without_bf16
     assert resolve_dtype("bf16", torch.device("cpu")) == torch.bfloat16
     with pytest.raises(ModelLoadError):
         resolve_dtype("int3", torch.device("cpu"))
@@ -143,3 +142,46 @@ def test_benchmark_llm_environment_variable_is_the_default_model(tiny, tmp_path,
     monkeypatch.setenv("BENCHMARK_LLM", str(tmp_path / "missing.gguf"))
     with pytest.raises(ModelLoadError, match="does not exist"):
         load_llm(None, device="cpu")
+
+
+def test_file_key_is_kept_by_path_size_and_mtime(tmp_path, monkeypatch):
+    """A large GGUF is hashed once: later loads read the key from the cache's sidecar, and a
+    file changed in place (new size or mtime) is hashed again."""
+    f = tmp_path / "model.gguf"
+    f.write_bytes(b"weights" * 1000)
+    hashed = []
+    real = loading._sha256_prefix
+    monkeypatch.setattr(loading, "_sha256_prefix", lambda p: hashed.append(p) or real(p))
+    key = loading.file_key(f, tmp_path / "cache")
+    assert loading.file_key(f, tmp_path / "cache") == key and len(hashed) == 1
+    f.write_bytes(b"other" * 1000)
+    assert loading.file_key(f, tmp_path / "cache") != key and len(hashed) == 2
+
+
+def test_bf16_on_a_gpu_without_bf16_is_refused(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    cuda = torch.device("cuda")
+    assert resolve_dtype("auto", cuda) == torch.float32
+    with pytest.raises(ModelLoadError, match="precision=fp32"):
+        resolve_dtype("bf16", cuda)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert resolve_dtype("auto", cuda) == torch.bfloat16
+
+
+@pytest.mark.parametrize("error, says", [
+    (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 26.00 GiB"), "does not fit on"),
+    (RuntimeError("CUDA error: invalid device ordinal"), "cannot move"),
+])
+def test_device_moves_fail_with_one_clear_line(tiny, monkeypatch, error, says):
+    def fail(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(tiny.model, "to", fail)
+    with pytest.raises(ModelLoadError, match=says) as info:
+        loading.move_to(tiny.model, torch.device("cpu"), "tiny")
+    assert "\n" not in str(info.value)
+
+
+def test_unknown_device_name_is_a_model_load_error():
+    with pytest.raises(ModelLoadError, match="not a device"):
+        loading.resolve_device("tpu:0")

@@ -186,7 +186,7 @@ def test_another_device_or_budget_never_reuses_a_finished_unit(tmp_path, monkeyp
 
         monkeypatch.setattr(runner_mod, "resolve_device", lambda d: device)
         monkeypatch.setattr(runner_mod, "peak_memory_mb", lambda d: {})
-        monkeypatch.setattr(runner_mod, "manifest", lambda d: {"device": d})
+        monkeypatch.setattr(runner_mod, "manifest", lambda d, **kw: {"device": d})
         opts = RunOptions(methods=["_budgeted"], runs_dir=tmp_path, budget=budget, progress=False)
         (outcome,) = Runner(opts, split).run()
         return outcome

@@ -7,12 +7,12 @@ allows only continuations that stay inside the catalog, so every result is a rea
 Speed comes from four choices (the naive way is `model.generate(num_beams=...,
 prefix_allowed_tokens_fn=...)` over a Python dict trie):
   * the prompt runs ONCE per user (a batch of users, left padded, with position ids that
-    skip the padding), not once per beam;
-  * the KV cache lives in preallocated buffers (`_BufferedLayer`); the prompt part of all
-    beams of one user is identical, so reordering beams only moves the generated part;
-  * the trie is a set of flat tensors on the model's device (nodes in breadth-first order,
-    so the children of a node are a contiguous id range), and each step gathers the
-    allowed children of every beam at once - no Python per beam or per token;
+    skip the padding), not once per beam, and its K/V are kept once per user and attended
+    to from every beam (`benchmark.llm.shared_prefix`);
+  * the generated part's KV cache lives in preallocated buffers (`kv_cache.BufferedLayer`);
+  * the trie is a set of flat tensors on the model's device (`benchmark.llm.trie`), and
+    each step gathers the allowed children of every beam at once - no Python per beam or
+    per token;
   * seen (excluded) items are pruned inside the search with a sparse per-user correction
     of the "items under this node" counts, and a user stops as soon as no live beam can
     beat its k-th finished item (log-probs only decrease, so this never changes results).
@@ -28,14 +28,24 @@ score / len**a, as transformers does.
 
 from __future__ import annotations
 
+import logging
 import math
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
-from transformers import DynamicCache
-from transformers.cache_utils import DynamicLayer
+
+from benchmark.llm.kv_cache import (
+    buffered_cache,
+    empty_cache_like,
+    layers_kv,
+    left_pad,
+    model_device,
+    prefill,
+    step as one_step,
+)
+from benchmark.llm.shared_prefix import SharedPrefix, SharedPromptUnsupported, shared_step
+from benchmark.llm.trie import ItemTrie, exclusion_table, lookup
 
 __all__ = [
     "ItemTrie",
@@ -46,412 +56,22 @@ __all__ = [
 ]
 
 
-# ----------------------------------------------------------------------------- trie
-
-
-@dataclass
-class ItemTrie:
-    """Token trie over item texts, as flat tensors.
-
-    Nodes are numbered breadth-first, and within a level by (parent, token), so the children
-    of node n are the nodes first_child[n] .. first_child[n] + n_children[n] - 1 and the
-    token that leads to node c is token[c]. Every item's path ends with eos; the node after
-    eos is a leaf (no children) and owns the item ids leaf_items[leaf_start[l]:leaf_start[l+1]]
-    (in id order; several ids where texts are duplicates). `n_under[n]` counts item ids
-    below node n (duplicates counted), which drives the pruning of excluded items.
-    """
-
-    token: torch.Tensor  # int64 [N]; token[0] (root) is -1
-    parent: np.ndarray  # int64 [N]; parent[0] = -1 (kept on CPU: only used to build exclusions)
-    first_child: torch.Tensor  # int64 [N]
-    n_children: torch.Tensor  # int64 [N]
-    n_under: torch.Tensor  # int64 [N]
-    item_leaf: np.ndarray  # int64 [max item id + 1]: leaf node of each item, -1 if not in the trie
-    leaf_ids: np.ndarray  # int64 [L] leaf node ids, sorted
-    leaf_start: np.ndarray  # int64 [L + 1] CSR into leaf_items
-    leaf_items: np.ndarray  # int64, item ids grouped by leaf, id order inside a leaf
-    eos_id: int
-    max_depth: int  # longest path (tokens, eos included)
-    item_token_ids: dict[int, list[int]]  # kept for restrict()
-    device: torch.device
-
-    @property
-    def n_nodes(self) -> int:
-        return int(self.token.shape[0])
-
-    @property
-    def n_items(self) -> int:
-        return int(self.leaf_items.shape[0])
-
-    @classmethod
-    def build(
-        cls,
-        item_token_ids: list[list[int]],
-        eos_id: int,
-        device: str | torch.device = "cpu",
-        item_ids: list[int] | np.ndarray | None = None,
-    ) -> ItemTrie:
-        """Build from each item's response token ids (WITHOUT eos; it is appended here).
-
-        item_ids: the catalog id of each sequence (default 0..n-1); used by `restrict`.
-        """
-        n = len(item_token_ids)
-        ids = np.arange(n, dtype=np.int64) if item_ids is None else np.asarray(item_ids, dtype=np.int64)
-        if ids.shape[0] != n:
-            raise ValueError(f"item_ids has {ids.shape[0]} entries for {n} token sequences")
-        if n == 0:
-            raise ValueError("ItemTrie.build needs at least one item")
-        seqs = [list(map(int, s)) + [int(eos_id)] for s in item_token_ids]
-        lengths = np.array([len(s) for s in seqs], dtype=np.int64)
-        depth = int(lengths.max())
-        mat = np.full((n, depth), -1, dtype=np.int64)
-        for i, s in enumerate(seqs):
-            mat[i, : len(s)] = s
-        vocab = int(mat.max()) + 2
-
-        # Level by level: a node is a unique (parent node, token) pair; np.unique sorts the
-        # pairs, which gives the breadth-first numbering with contiguous children.
-        tokens, parents = [np.array([-1], dtype=np.int64)], [np.array([-1], dtype=np.int64)]
-        node_of = np.zeros(n, dtype=np.int64)  # current node of each item
-        n_nodes = 1
-        for d in range(depth):
-            rows = np.nonzero(lengths > d)[0]
-            keys = node_of[rows] * vocab + mat[rows, d]
-            uniq, inverse = np.unique(keys, return_inverse=True)
-            parents.append(uniq // vocab)
-            tokens.append(uniq % vocab)
-            node_of[rows] = n_nodes + inverse.reshape(-1)
-            n_nodes += uniq.shape[0]
-        token = np.concatenate(tokens)
-        parent = np.concatenate(parents)
-        n_children = np.bincount(parent[1:], minlength=n_nodes).astype(np.int64)
-        first_child = np.zeros(n_nodes, dtype=np.int64)
-        # children of node p start right after all children of nodes < p (node 1 is root's first)
-        first_child[:] = 1 + np.concatenate([[0], np.cumsum(n_children)[:-1]])
-        if (n_children[node_of] != 0).any():
-            raise ValueError(
-                "an item's token ids contain eos_id in the middle; strip eos from item texts"
-            )
-        leaf = node_of  # every item ends on the node after its eos
-
-        n_under = np.zeros(n_nodes, dtype=np.int64)
-        np.add.at(n_under, leaf, 1)
-        bounds = np.cumsum([0] + [t.shape[0] for t in tokens])  # node id range of each level
-        for lo, hi in reversed(list(zip(bounds[1:-1], bounds[2:]))):  # deepest level first
-            np.add.at(n_under, parent[lo:hi], n_under[lo:hi])
-
-        order = np.lexsort((ids, leaf))
-        leaf_sorted = leaf[order]
-        leaf_ids, starts = np.unique(leaf_sorted, return_index=True)
-        leaf_start = np.concatenate([starts, [n]]).astype(np.int64)
-        item_leaf = np.full(int(ids.max()) + 1, -1, dtype=np.int64)
-        item_leaf[ids] = leaf
-        dev = torch.device(device)
-        return cls(
-            token=torch.as_tensor(token, device=dev),
-            parent=parent,
-            first_child=torch.as_tensor(first_child, device=dev),
-            n_children=torch.as_tensor(n_children, device=dev),
-            n_under=torch.as_tensor(n_under, device=dev),
-            item_leaf=item_leaf,
-            leaf_ids=leaf_ids.astype(np.int64),
-            leaf_start=leaf_start,
-            leaf_items=ids[order],
-            eos_id=int(eos_id),
-            max_depth=depth,
-            item_token_ids={int(i): list(map(int, s)) for i, s in zip(ids, item_token_ids)},
-            device=dev,
-        )
-
-    def restrict(self, allowed_items) -> ItemTrie:
-        """A trie over a subset of the items (sampled / retrieved candidate sets); ids unchanged."""
-        allowed = sorted({int(i) for i in np.asarray(allowed_items).reshape(-1) if int(i) >= 0})
-        missing = [i for i in allowed if i not in self.item_token_ids]
-        if missing:
-            raise ValueError(f"restrict: items {missing[:5]} are not in this trie")
-        return ItemTrie.build(
-            [self.item_token_ids[i] for i in allowed], self.eos_id, self.device, item_ids=allowed
-        )
-
-    def to(self, device) -> ItemTrie:
-        dev = torch.device(device)
-        if dev == self.device:
-            return self
-        return ItemTrie(
-            token=self.token.to(dev),
-            parent=self.parent,
-            first_child=self.first_child.to(dev),
-            n_children=self.n_children.to(dev),
-            n_under=self.n_under.to(dev),
-            item_leaf=self.item_leaf,
-            leaf_ids=self.leaf_ids,
-            leaf_start=self.leaf_start,
-            leaf_items=self.leaf_items,
-            eos_id=self.eos_id,
-            max_depth=self.max_depth,
-            item_token_ids=self.item_token_ids,
-            device=dev,
-        )
-
-    def items_at(self, leaf: int) -> np.ndarray:
-        pos = int(np.searchsorted(self.leaf_ids, leaf))
-        if pos >= len(self.leaf_ids) or self.leaf_ids[pos] != leaf:
-            raise KeyError(f"node {leaf} is not a leaf")
-        return self.leaf_items[self.leaf_start[pos] : self.leaf_start[pos + 1]]
-
-    def allowed_tokens(self, prefix: list[int]) -> list[int]:
-        """Tokens allowed after `prefix` (for the reference implementation and debugging)."""
-        node = 0
-        tok = self.token.cpu().numpy()
-        first = self.first_child.cpu().numpy()
-        cnt = self.n_children.cpu().numpy()
-        for t in prefix:
-            kids = range(first[node], first[node] + cnt[node])
-            nxt = [c for c in kids if tok[c] == t]
-            if not nxt:
-                return []
-            node = nxt[0]
-        return [int(tok[c]) for c in range(first[node], first[node] + cnt[node])]
-
-
-def _exclusion_table(trie: ItemTrie, exclude: list[np.ndarray] | None, rows: list[int]):
-    """Sparse per-user correction of n_under: sorted keys (row * N + node) and counts.
-
-    For each user, every excluded item subtracts 1 from the nodes on its root-to-leaf path;
-    a node whose corrected count is 0 leads only to excluded items and is pruned.
-    """
-    n_nodes = trie.n_nodes
-    keys = []
-    if exclude is not None:
-        for r, u in enumerate(rows):
-            ex = np.asarray(exclude[u], dtype=np.int64).reshape(-1)
-            ex = ex[(ex >= 0) & (ex < trie.item_leaf.shape[0])]
-            if ex.size == 0:
-                continue
-            nodes = trie.item_leaf[np.unique(ex)]
-            nodes = nodes[nodes >= 0]
-            while nodes.size:
-                keys.append(r * n_nodes + nodes)
-                nodes = trie.parent[nodes]
-                nodes = nodes[nodes > 0]  # the root is never pruned through this table
-    if not keys:
-        empty = torch.zeros(0, dtype=torch.long, device=trie.device)
-        return empty, empty
-    uniq, counts = np.unique(np.concatenate(keys), return_counts=True)
-    return (
-        torch.as_tensor(uniq, device=trie.device),
-        torch.as_tensor(counts.astype(np.int64), device=trie.device),
-    )
-
-
-def _lookup(keys: torch.Tensor, values: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
-    if keys.numel() == 0:
-        return torch.zeros_like(query)
-    pos = torch.searchsorted(keys, query).clamp_(max=keys.numel() - 1)
-    return torch.where(keys[pos] == query, values[pos], torch.zeros_like(query))
-
-
-# ----------------------------------------------------------------------------- KV cache
-
-
-class _BufferedLayer(DynamicLayer):
-    """A DynamicLayer whose keys/values live in a preallocated buffer (no concat per step)."""
-
-    def __init__(self, keys: torch.Tensor, values: torch.Tensor, capacity: int):
-        super().__init__()
-        b, h, length, d = keys.shape
-        self.kbuf = keys.new_empty((b, h, capacity, d))
-        self.vbuf = values.new_empty((b, h, capacity, d))
-        self.kbuf[:, :, :length] = keys
-        self.vbuf[:, :, :length] = values
-        self.length = length
-        self.dtype, self.device = keys.dtype, keys.device
-        self.is_initialized = True
-        self._views()
-
-    def _views(self):
-        self.keys = self.kbuf[:, :, : self.length]
-        self.values = self.vbuf[:, :, : self.length]
-
-    def lazy_initialization(self, key_states, value_states):  # already initialised
-        return None
-
-    def update(self, key_states, value_states, *args, **kwargs):
-        q = key_states.shape[-2]
-        if self.length + q > self.kbuf.shape[2]:
-            grow = max(q, self.kbuf.shape[2] // 2)
-            self.kbuf = torch.cat([self.kbuf, self.kbuf.new_empty(self.kbuf.shape[:2] + (grow,) + self.kbuf.shape[3:])], 2)
-            self.vbuf = torch.cat([self.vbuf, self.vbuf.new_empty(self.vbuf.shape[:2] + (grow,) + self.vbuf.shape[3:])], 2)
-        self.kbuf[:, :, self.length : self.length + q] = key_states
-        self.vbuf[:, :, self.length : self.length + q] = value_states
-        self.length += q
-        self._views()
-        return self.keys, self.values
-
-    def get_seq_length(self, *args, **kwargs) -> int:
-        return self.length
-
-    def select_rows(self, rows: torch.Tensor) -> None:
-        """Keep / repeat / reorder whole rows (one copy of the buffers)."""
-        self.kbuf = self.kbuf.index_select(0, rows)
-        self.vbuf = self.vbuf.index_select(0, rows)
-        self._views()
-
-    def reorder_tail(self, rows: torch.Tensor, start: int) -> None:
-        """Reorder positions start.. only (the prompt part is shared by all beams of a user)."""
-        if self.length > start:
-            self.kbuf[:, :, start : self.length] = self.kbuf[:, :, start : self.length].index_select(0, rows)
-            self.vbuf[:, :, start : self.length] = self.vbuf[:, :, start : self.length].index_select(0, rows)
-            self._views()
-
-
-def _layers_kv(cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    if hasattr(cache, "layers"):
-        return [(layer.keys, layer.values) for layer in cache.layers]
-    return list(zip(cache.key_cache, cache.value_cache))  # older transformers
-
-
-def _buffered_cache(pairs, expand: int, extra: int) -> DynamicCache:
-    """A DynamicCache of _BufferedLayer from per-layer (keys, values), rows repeated `expand` times."""
-    cache = DynamicCache()
-    layers = []
-    for k, v in pairs:
-        if expand > 1:
-            k = k.repeat_interleave(expand, dim=0)
-            v = v.repeat_interleave(expand, dim=0)
-        layers.append(_BufferedLayer(k, v, k.shape[2] + extra))
-    cache.layers = layers
-    cache.layer_class_to_replicate = None
-    return cache
-
-
-# ----------------------------------------------------------------------------- shared-prompt attention
-
-_SHARED_ATTN = "benchmark_shared_prefix"
-
-
-class _SharedPrefix:
-    """Prompt K/V of each user, shared by all that user's beams (never copied per beam).
-
-    Passed to the model's forward as the `shared_prefix` keyword; transformers hands it on
-    to the attention function, which attends to the user's prompt part (grouped per user,
-    as one matmul per user and kv head) and to the row's own generated part (the cache).
-    """
-
-    def __init__(self, pairs, prompt_mask: torch.Tensor):
-        self.keys = [k for k, _ in pairs]
-        self.values = [v for _, v in pairs]
-        dtype = self.keys[0].dtype
-        self.bias = ((1 - prompt_mask.to(dtype)) * torch.finfo(dtype).min)[:, None, None, :]
-        self.row_user = self.row_slot = None
-        self.width = 1
-        self.calls = 0
-
-
-def _shared_prefix_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    ctx = kwargs.pop("shared_prefix", None)
-    if ctx is None:
-        from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-        return sdpa_attention_forward(module, query, key, value, attention_mask,
-                                      scaling=scaling, dropout=dropout, **kwargs)
-    ctx.calls += 1
-    R, H, q, D = query.shape  # q == 1 (one new token per beam)
-    pk, pv = ctx.keys[module.layer_idx], ctx.values[module.layer_idx]
-    B, Hkv, P, _ = pk.shape
-    g, W = H // Hkv, ctx.width
-    scale = scaling if scaling is not None else D**-0.5
-    qr = query.reshape(R, Hkv, g, D)
-    # prompt part: scatter rows into [B, W] slots, one matmul per (user, kv head)
-    qd = query.new_zeros((B, W, Hkv, g, D))
-    qd[ctx.row_user, ctx.row_slot] = qr
-    qd = qd.permute(0, 2, 1, 3, 4).reshape(B, Hkv, W * g, D)
-    sp = torch.matmul(qd, pk.transpose(-1, -2)) * scale + ctx.bias  # [B, Hkv, W*g, P]
-    sp = sp.view(B, Hkv, W, g, P).permute(0, 2, 1, 3, 4)[ctx.row_user, ctx.row_slot]  # [R, Hkv, g, P]
-    sg = torch.matmul(qr, key.transpose(-1, -2)) * scale  # [R, Hkv, g, t]
-    w = torch.softmax(torch.cat([sp, sg], -1).float(), -1).to(query.dtype)
-    wp, wg = w[..., :P], w[..., P:]
-    wd = wp.new_zeros((B, W, Hkv, g, P))
-    wd[ctx.row_user, ctx.row_slot] = wp
-    wd = wd.permute(0, 2, 1, 3, 4).reshape(B, Hkv, W * g, P)
-    op = torch.matmul(wd, pv).view(B, Hkv, W, g, D).permute(0, 2, 1, 3, 4)[ctx.row_user, ctx.row_slot]
-    out = op + torch.matmul(wg, value)  # [R, Hkv, g, D]
-    return out.reshape(R, 1, H, D), None
-
-
-def _register_shared_attention() -> None:
-    from transformers import AttentionInterface, AttentionMaskInterface
-
-    AttentionInterface.register(_SHARED_ATTN, _shared_prefix_attention)
-    AttentionMaskInterface.register(_SHARED_ATTN, lambda *args, **kwargs: None)
-
-
-class _attn_implementation:
-    """Temporarily switch the model's attention implementation (restored on exit)."""
-
-    def __init__(self, model, name: str | None):
-        self.config, self.name = model.config, name
-
-    def __enter__(self):
-        self.old = getattr(self.config, "_attn_implementation", None)
-        if self.name is not None:
-            _register_shared_attention()
-            self.config._attn_implementation = self.name
-        return self
-
-    def __exit__(self, *exc):
-        if self.name is not None:
-            self.config._attn_implementation = self.old
-        return False
-
-
-# ----------------------------------------------------------------------------- batching helpers
-
-
-def _left_pad(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), width), int(pad_id), dtype=torch.long)
-    mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    for i, p in enumerate(prompts):
-        if len(p) == 0:
-            raise ValueError("empty prompt")
-        ids[i, width - len(p) :] = torch.as_tensor(p, dtype=torch.long)
-        mask[i, width - len(p) :] = 1
-    return ids.to(device), mask.to(device)
-
-
-def _model_device(model) -> torch.device:
-    return next(model.parameters()).device
-
-
-def _prefill(model, ids: torch.Tensor, mask: torch.Tensor):
-    """Run the prompts once; return last-position log-probs [B, V] (float32) and the cache."""
-    pos = (mask.cumsum(1) - 1).clamp_(min=0)
-    out = model(
-        input_ids=ids,
-        attention_mask=mask,
-        position_ids=pos,
-        past_key_values=DynamicCache(),
-        use_cache=True,
-        logits_to_keep=1,
-    )
-    logp = torch.log_softmax(out.logits[:, -1, :].float(), dim=-1)
-    return logp, out.past_key_values
-
-
-def _step(model, cache, tokens: torch.Tensor, mask, positions: torch.Tensor, **kwargs):
-    out = model(
-        input_ids=tokens[:, None],
-        attention_mask=mask,
-        position_ids=positions[:, None],
-        past_key_values=cache,
-        use_cache=True,
-        **kwargs,
-    )
-    return torch.log_softmax(out.logits[:, -1, :].float(), dim=-1)
-
-
 # ----------------------------------------------------------------------------- constrained search
+
+
+log = logging.getLogger(__name__)
+
+
+def with_fallback(run_batch, shared_prompt: bool):
+    """run_batch(shared_prompt) -> result; a model the shared-prompt attention refuses is run
+    (from this batch on) with the prompt cache replicated per row. Returns (result, flag)."""
+    if not shared_prompt:
+        return run_batch(False), False
+    try:
+        return run_batch(True), True
+    except SharedPromptUnsupported as exc:
+        log.warning("%s; decoding with the prompt cache copied per beam (shared_prompt=False)", exc)
+        return run_batch(False), False
 
 
 @torch.inference_mode()
@@ -478,24 +98,26 @@ def constrained_beam_search(
     length_penalty: 0 ranks by summed log-prob; a > 0 ranks finished items by sum / len**a.
     shared_prompt: keep one copy of each user's prompt K/V and attend to it from all its
     beams through a custom attention function (default; needs a model whose attention
-    goes through transformers' AttentionInterface, as Llama/Qwen/Gemma/Mistral do). False
-    replicates the prompt cache per beam and uses the model's own attention.
+    goes through transformers' AttentionInterface, as Llama/Qwen/Gemma/Mistral do, soft-capping
+    and sliding windows included). False replicates the prompt cache per beam and uses the
+    model's own attention; a model the shared attention cannot reproduce falls back to it.
     """
     if num_beams < 1 or k < 1:
         raise ValueError("num_beams and k must be >= 1")
     if exclude is not None and len(exclude) != len(prompt_ids):
         raise ValueError(f"exclude has {len(exclude)} entries for {len(prompt_ids)} prompts")
     model.eval()
-    device = _model_device(model)
+    device = model_device(model)
     trie = trie.to(device)
     results: list[list[tuple[int, float]]] = [[] for _ in prompt_ids]
     order = np.argsort([-len(p) for p in prompt_ids], kind="stable")  # similar lengths together
     batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
     for batch in tqdm(batches, desc="constrained beam search", disable=not progress):
-        out = _search_batch(
-            model, [prompt_ids[i] for i in batch], trie, num_beams, k,
-            exclude, [int(i) for i in batch], pad_id, device, length_penalty, shared_prompt,
-        )
+        out, shared_prompt = with_fallback(
+            lambda shared, b=batch: _search_batch(
+                model, [prompt_ids[i] for i in b], trie, num_beams, k,
+                exclude, [int(i) for i in b], pad_id, device, length_penalty, shared,
+            ), shared_prompt)
         for i, res in zip(batch, out):
             results[int(i)] = res
     return results
@@ -507,14 +129,14 @@ def _search_batch(model, prompts, trie, nb, k, exclude, rows, pad_id, device, le
     contiguous; a beam whose score is already below its user's k-th finished item is dropped
     (log-probs only decrease, so it cannot enter the top k), which also ends the search."""
     B = len(prompts)
-    ids, pmask = _left_pad(prompts, pad_id, device)
+    ids, pmask = left_pad(prompts, pad_id, device)
     plen = pmask.sum(1)  # [B]
-    ex_keys, ex_counts = _exclusion_table(trie, exclude, rows)
+    ex_keys, ex_counts = exclusion_table(trie, exclude, rows)
     N = trie.n_nodes
     neg = -math.inf
     bound_div = float(trie.max_depth) ** length_penalty if length_penalty else 1.0
 
-    logp, prefill_cache = _prefill(model, ids, pmask)
+    logp, prefill_cache = prefill(model, ids, pmask)
     # live rows: user, slot within the user's beam, trie node, score
     row_user = torch.arange(B, device=device)
     row_slot = torch.zeros(B, dtype=torch.long, device=device)
@@ -538,7 +160,7 @@ def _search_batch(model, prompts, trie, nb, k, exclude, rows, pad_id, device, le
         child = trie.first_child[node][:, None] + j  # [R, C]
         valid = j < cnt[:, None]
         child = torch.where(valid, child, torch.zeros_like(child))
-        under = trie.n_under[child] - _lookup(ex_keys, ex_counts, row_user[:, None] * N + child)
+        under = trie.n_under[child] - lookup(ex_keys, ex_counts, row_user[:, None] * N + child)
         valid &= under > 0
         tok = trie.token[child].clamp(min=0)
         cand_rows = torch.where(valid, score[:, None] + logp.gather(1, tok), torch.full(tok.shape, neg, device=device))
@@ -577,14 +199,12 @@ def _search_batch(model, prompts, trie, nb, k, exclude, rows, pad_id, device, le
 
         if cache is None:
             if shared_prompt:
-                shared = _SharedPrefix(_layers_kv(prefill_cache), pmask)
-                kv0 = shared.keys[0]
-                empty = kv0.new_empty((parent_row.shape[0], kv0.shape[1], 0, kv0.shape[3]))
-                cache = _buffered_cache([(empty, empty)] * len(shared.keys), 1, trie.max_depth + 1)
+                shared = SharedPrefix(layers_kv(prefill_cache), pmask)
+                cache = empty_cache_like(layers_kv(prefill_cache), parent_row.shape[0], trie.max_depth + 1)
             else:
-                cache = _buffered_cache(
+                cache = buffered_cache(
                     [(kk_.index_select(0, parent_row), vv_.index_select(0, parent_row))
-                     for kk_, vv_ in _layers_kv(prefill_cache)],
+                     for kk_, vv_ in layers_kv(prefill_cache)],
                     1, trie.max_depth + 1,
                 )
             del prefill_cache
@@ -595,18 +215,12 @@ def _search_batch(model, prompts, trie, nb, k, exclude, rows, pad_id, device, le
         width = new_score.shape[1]
         positions = plen[row_user] + (step - 1)
         if shared_prompt:
-            shared.row_user, shared.row_slot, shared.width = row_user, row_slot, width
-            with _attn_implementation(model, _SHARED_ATTN):
-                logp = _step(model, cache, trie.token[node], None, positions, shared_prefix=shared)
-            if shared.calls == 0:
-                raise RuntimeError(
-                    "this model's attention does not go through transformers' AttentionInterface; "
-                    "call constrained_beam_search(..., shared_prompt=False)"
-                )
+            shared.place(row_user, row_slot, width)
+            logp = shared_step(model, one_step, shared, cache, trie.token[node], None, positions)
         else:
             mask = torch.cat([mask.index_select(0, parent_row),
                               torch.ones((parent_row.shape[0], 1), dtype=mask.dtype, device=device)], 1)
-            logp = _step(model, cache, trie.token[node], mask, positions)
+            logp = one_step(model, cache, trie.token[node], mask, positions)
 
     # leaves -> items (duplicates expand to all their ids; excluded ids dropped)
     fs, fl = fin_rank.cpu().numpy(), fin_leaf.cpu().numpy()
@@ -658,13 +272,15 @@ def generate_free(
     tokens (transformers' MinNewTokensLengthLogitsProcessor).
     """
     model.eval()
-    device = _model_device(model)
+    device = model_device(model)
     results: list[list[list[int]]] = [[] for _ in prompt_ids]
     order = np.argsort([-len(p) for p in prompt_ids], kind="stable")
     batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
     for batch in tqdm(batches, desc="beam search", disable=not progress):
-        out = _free_batch(model, [prompt_ids[i] for i in batch], max_new_tokens, num_beams,
-                          pad_id, eos_id, device, length_penalty, shared_prompt, min_new_tokens)
+        out, shared_prompt = with_fallback(
+            lambda shared, b=batch: _free_batch(model, [prompt_ids[i] for i in b], max_new_tokens, num_beams,
+                                                pad_id, eos_id, device, length_penalty, shared, min_new_tokens),
+            shared_prompt)
         for i, res in zip(batch, out):
             results[int(i)] = res
     return results
@@ -672,23 +288,19 @@ def generate_free(
 
 def _free_batch(model, prompts, max_new, nb, pad_id, eos_id, device, lp, shared_prompt=True, min_new=0):
     B = len(prompts)
-    ids, pmask = _left_pad(prompts, pad_id, device)
+    ids, pmask = left_pad(prompts, pad_id, device)
     P = ids.shape[1]
     plen = pmask.sum(1)
     neg = -math.inf
-    logp, prefill_cache = _prefill(model, ids, pmask)
+    logp, prefill_cache = prefill(model, ids, pmask)
     V = logp.shape[1]
     if shared_prompt:
-        shared = _SharedPrefix(_layers_kv(prefill_cache), pmask)
-        kv0 = shared.keys[0]
-        empty = kv0.new_empty((B * nb, kv0.shape[1], 0, kv0.shape[3]))
-        cache = _buffered_cache([(empty, empty)] * len(shared.keys), 1, max_new + 1)
-        shared.row_user = torch.arange(B, device=device).repeat_interleave(nb)
-        shared.row_slot = torch.arange(nb, device=device).repeat(B)
-        shared.width = nb
+        shared = SharedPrefix(layers_kv(prefill_cache), pmask)
+        cache = empty_cache_like(layers_kv(prefill_cache), B * nb, max_new + 1)
+        shared.place(torch.arange(B, device=device).repeat_interleave(nb), torch.arange(nb, device=device).repeat(B), nb)
         tail_start = 0
     else:
-        cache = _buffered_cache(_layers_kv(prefill_cache), nb, max_new + 1)
+        cache = buffered_cache(layers_kv(prefill_cache), nb, max_new + 1)
         tail_start = P
     del prefill_cache
     mask = pmask.repeat_interleave(nb, 0)
@@ -736,16 +348,10 @@ def _free_batch(model, prompts, max_new, nb, pad_id, eos_id, device, lp, shared_
         tokens = torch.where(score > neg, new_tok, torch.full_like(new_tok, int(pad_id))).view(-1)
         positions = (plen[:, None] + (step - 1)).expand(B, nb).reshape(-1)
         if shared_prompt:
-            with _attn_implementation(model, _SHARED_ATTN):
-                logp = _step(model, cache, tokens, None, positions, shared_prefix=shared)
-            if shared.calls == 0:
-                raise RuntimeError(
-                    "this model's attention does not go through transformers' AttentionInterface; "
-                    "call generate_free(..., shared_prompt=False)"
-                )
+            logp = shared_step(model, one_step, shared, cache, tokens, None, positions)
         else:
             mask = torch.cat([mask, torch.ones((mask.shape[0], 1), dtype=mask.dtype, device=device)], 1)
-            logp = _step(model, cache, tokens, mask, positions)
+            logp = one_step(model, cache, tokens, mask, positions)
     # running beams of unfinished prompts end at the length limit
     sc, sq = score.cpu().numpy(), seqs.cpu().numpy()
     out = []
@@ -781,12 +387,12 @@ def embed_token_ids(
     if pooling not in ("last", "mean"):
         raise ValueError(f"pooling must be 'last' or 'mean', got {pooling!r}")
     model.eval()
-    device = _model_device(model)
+    device = model_device(model)
     order = np.argsort([-len(s) for s in ids], kind="stable")
     out: list[torch.Tensor | None] = [None] * len(ids)
     batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
     for batch in tqdm(batches, desc="embed", disable=not progress):
-        x, m = _left_pad([list(ids[i]) for i in batch], pad_id, device)
+        x, m = left_pad([list(ids[i]) for i in batch], pad_id, device)
         pos = (m.cumsum(1) - 1).clamp_(min=0)
         res = model(input_ids=x, attention_mask=m, position_ids=pos,
                     output_hidden_states=True, use_cache=False, logits_to_keep=1)
@@ -835,13 +441,13 @@ def reference_constrained_beam_search(
     length_penalty=0 so scores are comparable to `constrained_beam_search`.
     """
     model.eval()
-    device = _model_device(model)
+    device = model_device(model)
     root = _dict_trie(item_token_ids, eos_id)
     depth = max(len(s) for s in item_token_ids) + 1
     out: list[list[tuple[list[int], float]]] = []
     for start in tqdm(range(0, len(prompt_ids), batch_size), disable=not progress, desc="naive"):
         chunk = prompt_ids[start : start + batch_size]
-        ids, m = _left_pad(chunk, pad_id, device)
+        ids, m = left_pad(chunk, pad_id, device)
         width = ids.shape[1]
 
         def allowed(batch_id, input_ids, _w=width):

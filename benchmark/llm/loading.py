@@ -7,7 +7,13 @@ the half minute that dequantizing the GGUF takes. `trust_remote_code` is always 
 
 Cache location: `cache_dir` argument, else `$BENCHMARK_CACHE/models`, else
 `~/.cache/llmrec-bench/models`. The cache key is the GGUF file's name plus a prefix of its
-sha256, so a changed file converts again.
+sha256, so a changed file converts again; the sha256 itself is kept beside the cache under the
+file's path, size and mtime, so an unchanged file is not read again on every load.
+
+Memory: converting a GGUF needs ~4 bytes per parameter of host RAM (transformers dequantizes
+to fp32 arrays; the model is built directly in bf16 beside them): ~28 GB for a 7B model,
+once. For 7B models prefer a safetensors checkpoint (`--llm DIR` or a hub id), which loads
+straight onto the GPU in the target dtype (or in 4 bits with quantize=4bit).
 """
 
 from __future__ import annotations
@@ -63,7 +69,14 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if str(device).startswith("cuda") and not torch.cuda.is_available():
         raise ModelLoadError(f"device {device!r} asked for, but CUDA is not available here; use cpu or auto")
-    return torch.device(device)
+    try:
+        dev = torch.device(device)
+    except RuntimeError as exc:
+        raise ModelLoadError(f"device {device!r} is not a device name; use auto, cpu, cuda or cuda:N") from exc
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ModelLoadError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                             "numbered from 0")
+    return dev
 
 
 _DTYPES = {
@@ -79,15 +92,20 @@ _DTYPES = {
 
 
 def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
-    """"auto": bf16 on CUDA, fp32 elsewhere."""
-    if isinstance(dtype, torch.dtype):
-        return dtype
+    """"auto": bf16 on a CUDA GPU that supports it, fp32 elsewhere. bf16 on a GPU without
+    bf16 (before Ampere) is refused: use fp32 there."""
     if dtype in (None, "auto"):
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    try:
-        return _DTYPES[str(dtype).lower()]
-    except KeyError:
-        raise ModelLoadError(f"unknown dtype {dtype!r}; use auto, bf16, fp16 or fp32") from None
+        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+    if isinstance(dtype, torch.dtype):
+        resolved = dtype
+    else:
+        try:
+            resolved = _DTYPES[str(dtype).lower()]
+        except KeyError:
+            raise ModelLoadError(f"unknown dtype {dtype!r}; use auto, bf16, fp16 or fp32") from None
+    if resolved == torch.bfloat16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ModelLoadError(f"{device} does not support bf16 (a GPU before Ampere); set precision=fp32")
+    return resolved
 
 
 def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
@@ -111,13 +129,37 @@ def bundled_gguf_path() -> Path:
     return path
 
 
-def file_key(path: Path) -> str:
-    """First 16 hex digits of the file's sha256 (reads the file once; ~0.3 s per 100 MB)."""
+def _sha256_prefix(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
         for block in iter(lambda: fh.read(1 << 22), b""):
             digest.update(block)
     return digest.hexdigest()[:16]
+
+
+def file_key(path: Path, cache_dir: str | os.PathLike | None = None) -> str:
+    """First 16 hex digits of the file's sha256. Hashing reads the whole file (~0.3 s per
+    100 MB; a minute for a 7B GGUF), so the key is kept in a sidecar in the model cache, under
+    the file's path, size and modification time: a file unchanged since is not read again."""
+    path = Path(path).resolve()
+    st = path.stat()
+    stamp = {"path": str(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    sidecar = cache_root(cache_dir) / "file-keys" / (hashlib.sha256(str(path).encode()).hexdigest()[:24] + ".json")
+    try:
+        known = json.loads(sidecar.read_text())
+        if {k: known.get(k) for k in stamp} == stamp and isinstance(known.get("key"), str):
+            return known["key"]
+    except (OSError, ValueError):
+        pass
+    key = _sha256_prefix(path)
+    try:
+        sidecar.parent.mkdir(parents=True, exist_ok=True)
+        tmp = sidecar.with_name(f".{sidecar.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}")
+        tmp.write_text(json.dumps({**stamp, "key": key}))
+        os.replace(tmp, sidecar)
+    except OSError:  # a read-only cache: hash again next time
+        pass
+    return key
 
 
 def _require_gguf_package(path: Path) -> None:
@@ -188,7 +230,7 @@ def convert_gguf(path: str | os.PathLike, cache_dir: str | os.PathLike | None = 
     if not path.is_file():
         raise ModelLoadError(f"GGUF file {path} not found; give an existing .gguf file to --llm")
     root = cache_root(cache_dir)
-    target = root / f"{path.stem}-{file_key(path)}"
+    target = root / f"{path.stem}-{file_key(path, cache_dir)}"
     if (target / "config.json").is_file():
         return target
     _require_gguf_package(path)
@@ -197,9 +239,11 @@ def convert_gguf(path: str | os.PathLike, cache_dir: str | os.PathLike | None = 
     try:
         try:
             tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, trust_remote_code=False)
-            # fp32 dequantizes exactly; stored as bf16 (the GGUF blocks hold far fewer bits than that)
+            # transformers dequantizes the GGUF tensors to fp32 arrays (it offers no other way:
+            # ~4 bytes per parameter of host RAM, 28 GB for a 7B model, once per file); the
+            # model itself is built in bf16, the storage precision, so no second fp32 copy is made
             model = AutoModelForCausalLM.from_pretrained(
-                str(path.parent), gguf_file=path.name, dtype=torch.float32, trust_remote_code=False
+                str(path.parent), gguf_file=path.name, dtype=torch.bfloat16, trust_remote_code=False
             )
         except ModelLoadError:
             raise
@@ -207,7 +251,6 @@ def convert_gguf(path: str | os.PathLike, cache_dir: str | os.PathLike | None = 
             raise _friendly(exc, str(path)) from exc
         _check_dequantized(model, path)
         _strip_quantizer(model)
-        model = model.to(torch.bfloat16)
         model.config.dtype = torch.bfloat16
         model.save_pretrained(str(tmp))
         tokenizer.save_pretrained(str(tmp))
@@ -339,18 +382,33 @@ def load_llm(
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=False)
         model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
-        if "device_map" not in kwargs:
-            model.to(dev)
     except ModelLoadError:
         raise
-    except torch.cuda.OutOfMemoryError as exc:
-        raise ModelLoadError(f"{spec or name} does not fit on {dev}: {str(exc).splitlines()[0]}; use a smaller "
-                             "model, precision=bf16, or quantize=4bit") from exc
+    except torch.OutOfMemoryError as exc:
+        raise _device_error(exc, spec or name, dev) from exc
     except (ValueError, KeyError, OSError, RuntimeError, NotImplementedError, ImportError) as exc:
         raise _friendly(exc, spec or name) from exc
+    if "device_map" not in kwargs:
+        move_to(model, dev, spec or name)
     model.eval()
     eos_id, pad_id = finish_tokenizer(tokenizer, model, name)
     return LLM(model, tokenizer, name=name, path=source, device=dev, dtype=dt, eos_id=eos_id, pad_id=pad_id)
+
+
+def _device_error(exc: Exception, what: str, dev: torch.device) -> ModelLoadError:
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    if isinstance(exc, torch.OutOfMemoryError) or "out of memory" in first.lower():
+        return ModelLoadError(f"{what} does not fit on {dev} ({first}); use a smaller model, precision=bf16, "
+                              "quantize=4bit (CUDA), or another device")
+    return ModelLoadError(f"cannot move {what} to {dev}: {first}; check the device (--device) and its driver")
+
+
+def move_to(model: Any, dev: torch.device, what: str) -> Any:
+    """model.to(dev), with one clear line for what can go wrong there (memory, a bad device)."""
+    try:
+        return model.to(dev)
+    except (RuntimeError, ValueError, AssertionError) as exc:  # OutOfMemoryError is a RuntimeError
+        raise _device_error(exc, what, dev) from exc
 
 
 def _nf4_config(dev: torch.device) -> Any:
@@ -377,7 +435,7 @@ def load_tokenizer(spec: str | None = None, *, cache_dir: str | os.PathLike | No
     if spec is None:
         gguf = bundled_gguf_path()
         root = cache_root(cache_dir)
-        key = f"{gguf.stem}-{file_key(gguf)}"
+        key = f"{gguf.stem}-{file_key(gguf, cache_dir)}"
         for candidate in (root / key, root / f"{key}-tokenizer"):
             if (candidate / "tokenizer_config.json").is_file():
                 return AutoTokenizer.from_pretrained(str(candidate))
@@ -437,5 +495,5 @@ def tiny_llm(
         torch.manual_seed(seed)
         model = LlamaForCausalLM(config)
     dev = resolve_device(device)
-    model.to(dev).eval()
+    move_to(model, dev, "tiny-llama").eval()
     return LLM(model, tokenizer, name="tiny-llama", path="", device=dev, dtype=torch.float32, eos_id=eos_id, pad_id=pad_id)

@@ -5,6 +5,7 @@
   state stay fp32 (full fine-tuning trains an fp32 copy; LoRA adapters are fp32).
   `precision="fp32"`: everything fp32. The recipe layer replaces bf16 by fp32 where the
   hardware has no native bf16 and names that departure (`benchmark.recipes`).
+- Training steps on CUDA run with TF32 on (`tf32`); nothing that ranks does.
 - Anything that ranks is computed in fp32: `fp32_head(model)` makes the output projection
   run in fp32 on fp32 copies of its input and weight (bf16 logits of magnitude 20-30 have
   a step of 0.125 and tie), and callers take embedding distances on `.float()` states.
@@ -62,6 +63,21 @@ def fp32_head(model: Any) -> Iterator[None]:
         yield
     finally:
         head.forward = original  # type: ignore[method-assign]
+
+
+@contextlib.contextmanager
+def tf32(device: torch.device | str) -> Iterator[None]:
+    """TF32 tensor cores for fp32 matmuls and convolutions on CUDA within the block (training
+    steps), restored after: what ranks (fp32_head, similarities) runs outside it in true fp32."""
+    if torch.device(device).type != "cuda":
+        yield
+        return
+    before = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
 
 
 def fp32(device: torch.device | str = "cpu"):

@@ -20,6 +20,7 @@ The loop is one plain function so that Hugging Face accelerate can wrap it later
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -35,15 +36,20 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from benchmark import parallel
 from benchmark.config import params_key
 from benchmark.errors import ConfigError
 from benchmark.llm.precision import autocast, weight_dtype
 from benchmark.llm.prompts import IGNORE
+from benchmark.llm.train_step import Stepper, run_step
 
 Example = tuple[Sequence[int], Sequence[int]]  # (input_ids, labels)
 
 CHECKPOINT_DIR = "checkpoint"
 FINAL_DIR = "final"
+# TrainConfig fields that change how training runs, not what it computes: a checkpoint
+# written with one value resumes with another
+HARNESS_SETTINGS = ("progress", "checkpoint_every", "gradient_checkpointing", "compile")
 
 
 @dataclass
@@ -71,6 +77,9 @@ class TrainConfig:
     lora_targets: tuple[str, ...] = ("q_proj", "v_proj")
     master_fp32: bool = True  # full fine-tuning of a bf16/fp16 model: train fp32 weights (under autocast)
     checkpoint: bool = True  # write resumable checkpoints to work_dir
+    checkpoint_every: int = 0  # also write one every this many optimizer steps (0: at validations only)
+    gradient_checkpointing: bool = False  # recompute activations in backward (transformers; peft for k-bit)
+    compile: bool = False  # torch.compile the decoder body for training
     progress: bool = True
 
     @property
@@ -78,8 +87,8 @@ class TrainConfig:
         return float(self.lr)
 
     def fingerprint(self, n_examples: int, extra: str = "") -> str:
-        """Identifies a training run for resuming (progress flag excluded)."""
-        payload = {k: v for k, v in asdict(self).items() if k != "progress"}
+        """Identifies a training run for resuming (settings that change no result excluded)."""
+        payload = {k: v for k, v in asdict(self).items() if k not in HARNESS_SETTINGS}
         payload["lora_targets"] = list(self.lora_targets)
         payload["n_examples"] = n_examples
         payload["extra"] = extra
@@ -98,6 +107,8 @@ class TrainResult:
     seconds: float = 0.0  # wall time of train() in this process
     tokens: int = 0  # tokens (incl. prompt) processed in this process
     total_seconds: float = 0.0  # training time of this checkpoint across every attempt that built it
+    micro_batch: int = 0  # the micro-batch the last step ran with (below batch_size after out-of-memory)
+    processes: int = 1  # data-parallel processes
 
     @property
     def loaded_only(self) -> bool:
@@ -273,8 +284,35 @@ def apply_lora(model: Any, config: TrainConfig) -> Any:
     return get_peft_model(model, lora)
 
 
+def is_quantized(model: Any) -> bool:
+    """Loaded in 4 or 8 bits by bitsandbytes (QLoRA)."""
+    base = base_model(model)
+    return bool(getattr(base, "is_loaded_in_4bit", False) or getattr(base, "is_loaded_in_8bit", False))
+
+
 def prepare_model(model: Any, config: TrainConfig) -> Any:
-    """LoRA-wrap (adapter init seeded by config.seed), or make every parameter trainable."""
+    """LoRA-wrap (adapter init seeded by config.seed), or make every parameter trainable.
+
+    A 4/8-bit model goes through peft's `prepare_model_for_kbit_training` first (norms in
+    fp32, input gradients on, gradient checkpointing if asked) and trains LoRA only.
+    Gradient checkpointing is transformers' (non-reentrant, so DDP and frozen inputs work);
+    with LoRA the input embeddings' outputs require grad (`enable_input_require_grads`)."""
+    ckpt_kwargs = {"use_reentrant": False}
+    if is_quantized(model):
+        if not config.lora:
+            raise ConfigError("a 4-bit model can only train LoRA adapters: set lora=true (QLoRA) or quantize=none")
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=config.gradient_checkpointing,
+                                                gradient_checkpointing_kwargs=ckpt_kwargs)
+    elif config.gradient_checkpointing:
+        enable = getattr(model, "activation_checkpointing_enable", None)  # the name since transformers 5.2x
+        if enable is not None:
+            enable(activation_checkpointing_kwargs=ckpt_kwargs)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=ckpt_kwargs)
+        if config.lora:
+            model.enable_input_require_grads()
     if config.lora:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(config.seed)
@@ -304,6 +342,8 @@ def load_trainable_state(model: Any, state: dict[str, torch.Tensor]) -> None:
 def merge_for_inference(model: Any, precision: str = "fp32") -> Any:
     """Fold LoRA adapters into the base weights (faster decoding) and store the weights in
     the run's precision (full fine-tuning trained an fp32 copy; bf16 decodes under autocast)."""
+    if is_quantized(model):  # adapters stay beside the 4-bit weights (merging would requantize them)
+        return model.eval()
     merge = getattr(model, "merge_and_unload", None)
     model = merge() if callable(merge) else model
     model.to(weight_dtype(precision))
@@ -352,6 +392,23 @@ def save_checkpoint(path: Path, model: Any, optimizer: Any, scheduler: Any, stat
         (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1))
 
     _atomic_dir_write(path, write)
+
+
+def load_checkpoint(path: Path, model: Any, optimizer: Any, scheduler: Any, restore_rng: bool = True) -> dict | None:
+    """Restore trainable weights, optimizer, scheduler (and RNG) from a checkpoint; return its best weights."""
+    from safetensors.torch import load_file
+
+    load_trainable_state(model, load_file(str(path / "trainable.safetensors")))
+    extra = torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=False)
+    optimizer.load_state_dict(extra["optimizer"])
+    scheduler.load_state_dict(extra["scheduler"])
+    device = _param_device(model)
+    if restore_rng:
+        torch.set_rng_state(extra["torch_rng"])
+        cuda_rng = extra.get("cuda_rng")
+        if isinstance(cuda_rng, torch.Tensor) and device.type == "cuda":
+            torch.cuda.set_rng_state(cuda_rng, device)
+    return load_file(str(path / "best.safetensors")) if (path / "best.safetensors").is_file() else None
 
 
 def read_checkpoint_state(path: Path) -> dict | None:
@@ -445,12 +502,18 @@ def train(
     device) -> batch`, `loss_fn(model, batch) -> (loss sum, normaliser)` and
     `example_weight(example) -> float` (its share of the step's normaliser); the defaults
     are right-padded token cross-entropy averaged over the step's labelled tokens.
-    With `work_dir`, checkpoints go to work_dir/checkpoint after each
-    validation (or epoch) and a rerun with the same config and data resumes from them.
+    With `work_dir`, checkpoints go to work_dir/checkpoint after each validation (or
+    epoch) and every `checkpoint_every` steps, and a rerun with the same config and data
+    resumes from them, mid-epoch included.
+
+    Under several processes (`benchmark.parallel`) every process calls this with the same
+    examples; each runs its share of every global batch (`train_step`), validation scores
+    and early stopping follow rank 0, and rank 0 alone writes checkpoints.
     """
     if not examples:
         raise ConfigError("no training examples: the training sequences are too short (need 2+ items per user)")
     t_start = time.perf_counter()
+    procs = parallel.current()
     device = next(model.parameters()).device
     make_batch = collate_fn or collate
     compute_loss = loss_fn or (lambda m, b: example_loss(m, b, reduction="sum"))
@@ -474,51 +537,45 @@ def train(
                              "bad_evals": 0, "history": [], "done": False, "stopped_early": False}
     resumed_from = 0
     cuda_devices = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=cuda_devices):
-        torch.manual_seed(config.seed)
+    body = decoder_body(model)
+    with torch.random.fork_rng(devices=cuda_devices), compiled(body, config.compile):
+        torch.manual_seed(config.seed + procs.rank)
         prior = read_checkpoint_state(ckpt) if ckpt is not None else None
         if prior is not None and prior.get("fingerprint") == fp:
-            from safetensors.torch import load_file
-
-            load_trainable_state(model, load_file(str(ckpt / "trainable.safetensors")))
-            extra = torch.load(ckpt / "trainer_state.pt", map_location="cpu", weights_only=False)
-            optimizer.load_state_dict(extra["optimizer"])
-            scheduler.load_state_dict(extra["scheduler"])
-            torch.set_rng_state(extra["torch_rng"])
-            cuda_rng = extra.get("cuda_rng")
-            if isinstance(cuda_rng, torch.Tensor) and device.type == "cuda":
-                torch.cuda.set_rng_state(cuda_rng, device)
-            if (ckpt / "best.safetensors").is_file():
-                best = load_file(str(ckpt / "best.safetensors"))
+            best = load_checkpoint(ckpt, model, optimizer, scheduler, restore_rng=procs.main)
             state = prior
             step = resumed_from = int(prior["step"])
         prior_seconds = float(state.get("train_seconds", 0.0))  # absent in checkpoints older than the field
 
+        stepper = Stepper.build(model, compute_loss, optimizer, device, procs, config.batch_size)
         tokens = 0
         model.train()
-        bar = tqdm(total=total_steps, initial=step, desc="train", disable=not config.progress, dynamic_ncols=True)
+        bar = tqdm(total=total_steps, initial=step, desc="train", disable=not (config.progress and procs.main),
+                   dynamic_ncols=True)
         running: list[float] = []
+
+        def save() -> None:
+            state["step"] = step
+            state["train_seconds"] = prior_seconds + time.perf_counter() - t_start
+            if ckpt is not None and procs.main:
+                save_checkpoint(ckpt, model, optimizer, scheduler, state, best)
+
         while step < total_steps and not state["done"]:
             epoch, step_in_epoch = divmod(step, steps_per_epoch)
             order = np.random.default_rng([config.seed, epoch]).permutation(n)
             first_micro = step_in_epoch * config.grad_accum
             micro_batches = [order[i : i + config.batch_size] for i in range(0, n, config.batch_size)]
             for group_start in range(first_micro, len(micro_batches), config.grad_accum):
-                group = micro_batches[group_start : group_start + config.grad_accum]
-                optimizer.zero_grad(set_to_none=True)
-                n_tokens = sum(weigh(examples[i]) for mb in group for i in mb)
-                step_loss = 0.0
-                for mb in group:
-                    batch = make_batch([examples[i] for i in mb], pad_id, device)
-                    tokens += int(batch["attention_mask"].sum())
-                    with autocast(device, config.precision):
-                        loss_sum, _ = compute_loss(model, batch)
-                    loss = loss_sum / max(n_tokens, 1)  # token mean over the whole accumulated step
-                    loss.backward()
-                    step_loss += float(loss.detach())
+                group = np.concatenate(micro_batches[group_start : group_start + config.grad_accum])
+                n_tokens = sum(weigh(examples[i]) for i in group)  # the whole global batch's
+                step_loss, step_tokens = run_step(
+                    stepper, group, n_tokens, lambda rows: make_batch([examples[i] for i in rows], pad_id, device),
+                    device, config.precision)
+                step_loss, step_tokens = parallel.all_sum([step_loss, step_tokens], _collective_device(device))
+                tokens += int(step_tokens)
                 if config.max_grad_norm:
                     torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
-                optimizer.step()
+                stepper.optimizer.step()
                 scheduler.step()
                 step += 1
                 running.append(step_loss)
@@ -528,7 +585,7 @@ def train(
                 if step % eval_every == 0 or step >= total_steps or (end_of_epoch and not config.eval_every):
                     record: dict[str, Any] = {"step": step, "train_loss": float(np.mean(running[-eval_every:]))}
                     if validate is not None:
-                        score = float(validate(model))
+                        score = parallel.broadcast(float(validate(model)))  # every process decides alike
                         model.train()
                         record["score"] = score
                         if state["best_score"] is None or score > state["best_score"]:
@@ -540,12 +597,11 @@ def train(
                             state["stopped_early"] = True
                             state["done"] = True
                     state["history"].append(record)
-                    state["step"] = step
-                    state["train_seconds"] = prior_seconds + time.perf_counter() - t_start
                     if step >= total_steps:
                         state["done"] = True
-                    if ckpt is not None:
-                        save_checkpoint(ckpt, model, optimizer, scheduler, state, best)
+                    save()
+                elif config.checkpoint_every and step % config.checkpoint_every == 0:
+                    save()  # mid-epoch: a long epoch resumes from here
                 if step >= total_steps or state["done"]:
                     break
         bar.close()
@@ -566,4 +622,25 @@ def train(
         total_seconds=(float(state["train_seconds"]) if ckpt is not None and "train_seconds" in state
                        else prior_seconds + (time.perf_counter() - t_start if step > resumed_from else 0.0)),
         tokens=tokens,
+        micro_batch=stepper.micro,
+        processes=procs.world,
     )
+
+
+def _collective_device(device: torch.device) -> torch.device:
+    """Where collectives put their tensors: the GPU under nccl, the CPU under gloo."""
+    return device if device.type == "cuda" else torch.device("cpu")
+
+
+@contextlib.contextmanager
+def compiled(body: torch.nn.Module, enabled: bool):
+    """torch.compile the decoder body for the block (dynamic shapes: batches vary in length);
+    decoding afterwards runs the eager module (its cache and attention hooks change shapes)."""
+    if not enabled:
+        yield
+        return
+    body.compile(dynamic=True)
+    try:
+        yield
+    finally:
+        body._compiled_call_impl = None  # nn.Module.compile's handle: back to eager

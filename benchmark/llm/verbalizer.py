@@ -68,7 +68,7 @@ def verbalizer_scores(
     LM head, in fp32 (bf16 letter logits of magnitude 20-30 tie, and ties would fall back to
     the presented order); the body runs under bf16 autocast when `precision` is "bf16".
     """
-    from benchmark.llm.decoding import _left_pad
+    from benchmark.llm.kv_cache import left_pad
     from benchmark.llm.precision import autocast, fp32_head
     from benchmark.llm.training import base_model, decoder_body, head_logits
 
@@ -87,7 +87,7 @@ def verbalizer_scores(
     body = decoder_body(model)
     with autocast(device, precision), fp32_head(base_model(model)):
         for rows in tqdm(batches, desc="verbalizer", disable=not progress, dynamic_ncols=True):
-            ids, mask = _left_pad([list(prompts[i]) for i in rows], pad_id, device)
+            ids, mask = left_pad([list(prompts[i]) for i in rows], pad_id, device)
             positions = (mask.cumsum(1) - 1).clamp(min=0)
             res = body(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False)
             hidden = res[0] if isinstance(res, tuple) else res.last_hidden_state
