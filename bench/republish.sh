@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# The runs behind the republished leaderboards (recipe v2), one after another into ./runs.
+# ML-100K: every method under its recipe or its named CPU budget, all 943 test users; ML-1M:
+# the rows whose SASRec changed. Finished units are reused; a killed run resumes.
+#   bash bench/republish.sh [ml100k|ml1m|all] [threads]
+set -u
+cd "$(dirname "$0")/.."
+which="${1:-all}"; threads="${2:-2}"
+mkdir -p logs
+job() {  # run-id, then the arguments of `run`
+  local id=$1; shift
+  echo "$(date -u +%FT%TZ) start $id" >> logs/republish.log
+  python -m benchmark run "$@" --run-id "$id" --quiet > "logs/$id.log" 2>&1
+  echo "$(date -u +%FT%TZ) end $id rc=$?" >> logs/republish.log
+}
+threads_for() { local s=(); for m in "$@"; do s+=(--set "$m.num_threads=$threads"); done; echo "${s[@]}"; }
+if [ "$which" = all ] || [ "$which" = ml100k ]; then
+  job ml100k-classic --methods random,pop,sasrec,sasrec_v1 --seeds 0,1,2 $(threads_for sasrec sasrec_v1)
+  job ml100k-llamarec --methods llamarec --seeds 0 $(threads_for llamarec sasrec)
+  job ml100k-bigrec --methods bigrec --seeds 0 $(threads_for bigrec)
+  job ml100k-calrec --methods calrec --seeds 0 $(threads_for calrec)
+  job ml100k-p2rec --methods p2rec --seeds 0,1,2 $(threads_for p2rec sasrec)
+fi
+if [ "$which" = all ] || [ "$which" = ml1m ]; then
+  job ml1m-classic --dataset ml-1m --methods random,pop,sasrec,sasrec_v1 --seeds 0 $(threads_for sasrec sasrec_v1)
+  job ml1m-p2rec --dataset ml-1m --methods p2rec --seeds 0 $(threads_for p2rec sasrec)
+fi
