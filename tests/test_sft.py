@@ -161,3 +161,23 @@ def test_zero_shot_and_last_position_points_of_the_learning_curve(model_dir, tmp
     last, _ = make(model_dir, tmp_path / "l", train_positions="last", max_train_examples=None)
     pairs = last._pairs(data, cap=None)
     assert pairs == [(u, len(seq) - 1) for u, seq in enumerate(data.train)]  # one per user, the latest
+
+
+def test_short_generative_lists_are_filled_to_k_with_the_most_popular_unseen_items(model_dir, tmp_path):
+    from benchmark.ranking import popularity_order
+
+    data = tiny_data()
+    method, _ = make(model_dir, tmp_path, num_beams=1, early_stopping="none")  # one beam finds few items
+    method.fit(data)
+    request = request_for(data, k=4)
+    ranked = method.rank(request)
+    check_rows(ranked, request, data.n_items)
+    assert (ranked.items != PAD).all()  # K items for every user: 4 unseen items each
+    popular = popularity_order(data.train, data.n_items)
+    for row, filled in enumerate(ranked.extras["filled"].astype(int)):
+        if filled:  # the filled tail is the popularity order of the items still allowed
+            tail = ranked.items[row, 4 - filled:].tolist()
+            allowed = [i for i in popular.tolist() if i not in set(request.histories[row].tolist())
+                       and i not in set(ranked.items[row, : 4 - filled].tolist())]
+            assert tail == allowed[:filled]
+    assert ranked.info["filled_positions"] == int(ranked.extras["filled"].sum()) > 0
