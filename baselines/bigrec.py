@@ -85,7 +85,7 @@ class BIGRec(SFT):
     BUDGETS: ClassVar[dict[str, Budget]] = {
         "cpu": Budget(
             reason="a 2-core CPU needs ~10 minutes per epoch with validation (bench/RESULTS.md); 50 epochs would "
-                   "take 8 hours",
-            changes={"epochs": 10, "valid_users": 256},
+                   "take 8 hours; free generation stops at 40 new tokens (the longest MovieLens answer is 31-35)",
+            changes={"epochs": 10, "valid_users": 256, "max_new_tokens": 40},
         ),
     }

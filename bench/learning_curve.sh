@@ -4,14 +4,15 @@
 # batch 64, lr 1e-4, one epoch) with one more departure: the number of training examples,
 # or each user's latest training item for three epochs. Runs one after another into ./runs;
 # a finished point is reused, a killed one resumes from its checkpoint.
-#   bash bench/learning_curve.sh [sft|cft|all]   then   python bench/learning_curve.py
+#   THREADS=1 bash bench/learning_curve.sh [sft|cft|all]   then   python bench/learning_curve.py
+# (THREADS=1 when another job shares the 2 cores: oversubscribed torch threads run several times slower)
 set -u
 cd "$(dirname "$0")/.."
 which="${1:-all}"
 mkdir -p logs
 point() {  # label method [--set field=value ...]
   local label=$1 method=$2; shift 2
-  local sets=()
+  local sets=(--set "$label.num_threads=${THREADS:-2}")
   for kv in "$@"; do sets+=(--set "$label.$kv"); done
   echo "$(date -u +%FT%TZ) start $label" >> logs/learning_curve.log
   python -m benchmark run --methods "$label=$method" "${sets[@]}" --run-id "curve-$label" --quiet \
