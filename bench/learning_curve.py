@@ -5,7 +5,8 @@ MostPop and SASRec on the same users, with paired tests.
     python bench/learning_curve.py            # leaderboards/ml-100k-learning-curve.{md,json,png}
 
 Each point is a finished unit of the run store labelled `<method>_<point>` (`sft_n1024`,
-`cft_last3`, ...; bench/learning_curve.sh lists the commands) on ML-100K, leave-one-out,
+`cft_last3`, ...; bench/learning_curve.sh lists the commands), or a plain `sft`/`cft` unit (the
+leaderboard row, the `cpu` budget itself) as the point of its example count, on ML-100K, leave-one-out,
 full ranking, all test users. For every point: the mean NDCG@10 with its 95% bootstrap CI,
 the training tokens and seconds, its validation loss, the difference to MostPop (`pop`) and to
 SASRec (`sasrec`, seed 0) with paired two-sided randomization tests (10,000 sign flips,
@@ -34,6 +35,7 @@ from benchmark.store import RunStore, atomic_write_bytes  # noqa: E402
 
 POINT = re.compile(r"^(?P<method>[a-z0-9]+)_(?P<point>n\d+|last\d+)$")
 METRIC = "ndcg@10"
+BUDGET_ROWS = ("sft", "cft")  # a plain `sft`/`cft` unit (the published row) is the point of its example count
 
 
 def load(store: RunStore, dataset: str, protocol: str, baselines: list[str]):
@@ -42,7 +44,11 @@ def load(store: RunStore, dataset: str, protocol: str, baselines: list[str]):
     for unit in files:
         cfg = unit.config
         label, seed = cfg["label"], int(cfg["seed"])
-        if seed != 0 or not (POINT.match(label) or label in baselines):
+        if seed == 0 and label in BUDGET_ROWS:  # the leaderboard's own row is the budget's point
+            examples = ((unit.metrics.get("info") or {}).get(label) or {}).get("train_examples")
+            if examples is not None:
+                label = f"{label}_n{int(examples)}"
+        if seed != 0 or not (POINT.match(label) or label in baselines) or label in series:
             continue
         frame = unit.per_user()
         series[label] = pd.Series(frame[METRIC].to_numpy(float), index=frame["user"].astype(str).to_numpy())

@@ -17,7 +17,8 @@ point() {  # label method [--set field=value ...]
   echo "$(date -u +%FT%TZ) start $label" >> logs/learning_curve.log
   python -m benchmark run --methods "$label=$method" "${sets[@]}" --run-id "curve-$label" --quiet \
     > "logs/curve-$label.log" 2>&1
-  echo "$(date -u +%FT%TZ) end $label rc=$?" >> logs/learning_curve.log
+  local rc=$?  # before any command substitution resets $?
+  echo "$(date -u +%FT%TZ) end $label rc=$rc" >> logs/learning_curve.log
 }
 for m in sft cft; do
   [ "$which" = all ] || [ "$which" = "$m" ] || continue

@@ -11,12 +11,19 @@ job() {  # run-id, then the arguments of `run`
   local id=$1; shift
   echo "$(date -u +%FT%TZ) start $id" >> logs/republish.log
   python -m benchmark run "$@" --run-id "$id" --quiet > "logs/$id.log" 2>&1
-  echo "$(date -u +%FT%TZ) end $id rc=$?" >> logs/republish.log
+  local rc=$?  # before any command substitution resets $?
+  echo "$(date -u +%FT%TZ) end $id rc=$rc" >> logs/republish.log
 }
 threads_for() { local s=(); for m in "$@"; do s+=(--set "$m.num_threads=$threads"); done; echo "${s[@]}"; }
 if [ "$which" = all ] || [ "$which" = ml100k ]; then
   job ml100k-classic --methods random,pop,sasrec,sasrec_v1 --seeds 0,1,2 $(threads_for sasrec sasrec_v1)
-  job ml100k-llamarec --methods llamarec --seeds 0 $(threads_for llamarec sasrec)
+  job ml100k-sft --methods sft --seeds 0 $(threads_for sft)
+  job ml100k-cft --methods cft --seeds 0 $(threads_for cft)
+  # LlamaRec's micro-batch of 16 prompts of ~600 tokens peaks at ~16.5 GiB of activations on the CPU
+  # (OOM-killed beside another job on a 24 GiB machine); checkpointing recomputes them instead
+  # (a harness setting: same model, same key) and a step checkpoint every 16 steps bounds a kill's loss
+  job ml100k-llamarec --methods llamarec --seeds 0 $(threads_for llamarec sasrec) \
+    --set llamarec.gradient_checkpointing=true --set llamarec.checkpoint_every=16
   job ml100k-bigrec --methods bigrec --seeds 0 $(threads_for bigrec)
   job ml100k-calrec --methods calrec --seeds 0 $(threads_for calrec)
   job ml100k-p2rec --methods p2rec --seeds 0,1,2 $(threads_for p2rec sasrec)

@@ -9,8 +9,11 @@ from __future__ import annotations
 import argparse
 import errno
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
+from typing import Any
 
 from tabulate import tabulate
 
@@ -432,9 +435,16 @@ def _one_line(text: str) -> str:
     return " / ".join(part.strip() for part in text.strip().splitlines() if part.strip())
 
 
+def _terminate(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt  # `kill` (SIGTERM) ends a run like Ctrl-C: marked "interrupted", units kept
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         return int(args.func(args) or 0)
     except BenchmarkError as exc:
@@ -446,3 +456,6 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted: finished units are kept; rerun the same command to resume", file=sys.stderr)
         return 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)

@@ -54,6 +54,28 @@ def test_kill_9_mid_run_then_the_same_command_resumes(tmp_path):
     assert meta["status"] == "finished" and set(meta["stages"]) == {"pop/seed-0", "gate/seed-0"}
 
 
+def test_sigterm_mid_run_marks_the_run_interrupted_and_keeps_finished_units(tmp_path):
+    runs, gate = tmp_path / "runs", tmp_path / "gate"
+    gate.touch()
+    argv = command(runs, "--methods", "pop,gate_plugin:Gate", "--dataset", "synthetic", "--run-id", "t")
+    proc = subprocess.Popen(argv, env=env(GATE_FILE=str(gate)), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    pop = runs / "t" / "pop" / "seed-0"
+    deadline = time.monotonic() + 120
+    while not (pop / "metrics.json").is_file():
+        assert proc.poll() is None, proc.stderr.read().decode()
+        assert time.monotonic() < deadline, "pop never finished"
+        time.sleep(0.1)
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGTERM)  # what `kill PID` and most job schedulers send
+    assert proc.wait(timeout=60) == 130
+    err = proc.stderr.read().decode()
+    proc.stderr.close()
+    assert "Traceback" not in err and "rerun the same command to resume" in err
+    meta = json.loads((runs / "t" / "run.json").read_text())
+    assert meta["status"] == "interrupted" and meta["error"] == "KeyboardInterrupt"
+    assert (pop / "metrics.json").is_file() and not (runs / "t" / "gate").exists()
+
+
 def test_two_runs_at_once_into_one_store(tmp_path):
     runs = tmp_path / "runs"
     argv = command(runs, "--methods", "pop,random", "--dataset", "synthetic:seed=7")
