@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -65,3 +66,34 @@ def test_inference_precision_follows_the_weights():
     llm.model.to(torch.bfloat16)
     with inference_precision(llm.model):
         assert torch.is_autocast_enabled("cpu")
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_the_precision_that_ran_is_recorded_in_the_unit(native, tmp_path, monkeypatch):
+    """config.json holds the resolved precision (and, without native bf16, the hardware departure),
+    metrics.json the precision the method ran in, and the run manifest the machine."""
+    import json
+
+    from benchmark import recipes
+    from benchmark.cli import main
+
+    monkeypatch.setattr(recipes, "native_bf16", lambda device: native)
+    model_dir = tmp_path / "tiny"
+    llm = tiny_llm(hidden=32, layers=2)
+    llm.model.save_pretrained(model_dir)
+    llm.tokenizer.save_pretrained(model_dir)
+    runs = tmp_path / "runs"
+    sets = ["max_train_examples=8", "epochs=1", "batch_size=4", "grad_accum=1", "valid_users=4", "grounding=trie",
+            "num_beams=2", "max_new_tokens=8"]
+    argv = ["--runs-dir", str(runs), "run", "--methods", "sft", "--dataset", "synthetic", "--eval-users", "6",
+            "--llm", str(model_dir), "--run-id", "p", "--quiet"] + [a for s in sets for a in ("--set", f"sft.{s}")]
+    assert main(argv) == 0
+    unit = runs / "p" / "sft" / "seed-0"
+    config = json.loads((unit / "config.json").read_text())
+    metrics = json.loads((unit / "metrics.json").read_text())
+    expected = "bf16" if native else "fp32"
+    assert config["params"]["precision"] == expected
+    assert metrics["info"]["precision"] == expected and metrics["info"]["sft"]["precision"] == expected
+    hardware = [d for d in config["recipe"]["departures"] if d["field"] == "precision"]
+    assert bool(hardware) is (not native)
+    assert json.loads((runs / "p" / "run.json").read_text())["manifest"]["device"] == "cpu"
