@@ -103,8 +103,44 @@ def build(series: dict, meta: dict, baselines: list[str], permutations: int, see
         d = X[a] - X[b]
         cft_vs_sft.append({"cft": labels[a], "sft": labels[b], "diff": float(d.mean()), "p": float(raw[len(pairs) + j]),
                            "mde": float(min_detectable_effect(float(d.std(ddof=1)), len(d)))})
+    extrapolation = [e for m in ("sft", "cft") if (e := extrapolate(m, labels, X, meta, baselines[0], seed))]
     return {"metric": METRIC, "n_users": int(len(users)), "baselines": baselines, "permutations": permutations,
-            "rows": rows, "cft_vs_sft": cft_vs_sft}
+            "rows": rows, "cft_vs_sft": cft_vs_sft, "extrapolation": extrapolation}
+
+
+def extrapolate(method: str, labels: list[str], X: np.ndarray, meta: dict, target: str, seed: int,
+                n_boot: int = 2000) -> dict | None:
+    """Training tokens at which a line through the trained points, NDCG@10 against log10(tokens),
+    reaches `target`'s mean; its 95% interval from resampling users (every point and the target
+    resampled together, so their pairing is kept). Needs two trained points; an assumption, not a fit
+    of how learning really goes beyond the last point."""
+    pts = [(i, float(meta.get(k, {}).get("train_tokens") or 0)) for i, k in enumerate(labels)
+           if k.startswith(method + "_") and POINT.match(k)]
+    pts = [(i, t) for i, t in pts if t > 0]
+    if len(pts) < 2 or target not in labels:
+        return None
+    rows = [i for i, _ in pts]
+    x = np.log10([t for _, t in pts])
+    j = labels.index(target)
+
+    def crossing(means: np.ndarray, goal: float) -> float:  # log10 tokens; inf where the line never gets there
+        slope, intercept = np.polyfit(x, means, 1)
+        return float("inf") if slope <= 0 else float((goal - intercept) / slope)
+
+    def tokens(log10: float) -> float | None:  # None: never (strict JSON has no infinity)
+        return None if log10 > 300 else float(10**log10)
+
+    n = X.shape[1]
+    point = crossing(X[rows].mean(axis=1), float(X[j].mean()))
+    rng = np.random.default_rng(seed)
+    boots = []
+    for _ in range(n_boot):
+        idx = rng.integers(0, n, n)
+        boots.append(crossing(X[rows][:, idx].mean(axis=1), float(X[j, idx].mean())))
+    boots = np.asarray(boots)
+    lo, hi = np.quantile(boots, [0.025, 0.975], method="nearest")  # no interpolation across inf
+    return {"method": method, "target": target, "points": [labels[i] for i in rows], "tokens": tokens(point),
+            "ci": [tokens(lo), tokens(hi)], "share_never": float(np.mean(~np.isfinite(boots))), "n_boot": n_boot}
 
 
 def render_markdown(report: dict, dataset: str) -> str:
@@ -115,13 +151,15 @@ def render_markdown(report: dict, dataset: str) -> str:
         "NDCG@10 of SFT and CFT as their CPU training budget grows, beside MostPop and SASRec on the same users.",
         "Every point is the methods' `cpu` budget (full fine-tuning, bf16 where the CPU has it, batch 64, lr 1e-4,",
         "one epoch) with one more departure, its number of training examples (`nN`) or each user's latest",
-        "training item for three epochs (`last3`); the commands are in `bench/learning_curve.sh`.",
+        "training item for three epochs (`last3`); the commands are in `bench/learning_curve.sh`, and the",
+        "point of the budget itself (`n2048`) is the leaderboard's `sft`/`cft` row (`bench/republish.sh`).",
+        "Validity: share of generated titles that name a real catalog item; Cov@10: share of the catalog in some top-10.",
         f"p: paired two-sided randomization test ({report['permutations']:,} sign flips); p_Holm: Holm across all",
         f"points x baselines; MDE: the smallest difference detectable with 80% power at alpha 0.05.",
         "",
-        "| point | examples | train tokens | train s | valid loss | NDCG@10 [95% CI] | "
+        "| point | examples | train tokens | train s | valid loss | validity | Cov@10 | NDCG@10 [95% CI] | "
         + " | ".join(f"Δ vs {x} (p_Holm; MDE)" for x in b) + " |",
-        "|---|---|---|---|---|---|" + "---|" * len(b),
+        "|---|---|---|---|---|---|---|---|" + "---|" * len(b),
     ]
     for r in report["rows"]:
         if r["label"] in b:
@@ -129,6 +167,8 @@ def render_markdown(report: dict, dataset: str) -> str:
         cells = [r["label"], str(r.get("train_examples") or 0), f"{int(r.get('train_tokens') or 0):,}",
                  "—" if r.get("train_seconds") is None else f"{r['train_seconds']:.0f}",
                  "—" if r.get("valid_loss") is None else f"{r['valid_loss']:.3f}",
+                 "—" if r.get("validity") is None else f"{r['validity']:.3f}",
+                 "—" if r.get("coverage@10") is None else f"{r['coverage@10']:.3f}",
                  f"{r['mean']:.4f} [{r['ci'][0]:.4f}, {r['ci'][1]:.4f}]"]
         for x in b:
             v = r[f"vs_{x}"]
@@ -140,6 +180,14 @@ def render_markdown(report: dict, dataset: str) -> str:
         lines += ["", "CFT − SFT at the same budget (uncorrected p; MDE at 80% power):", ""]
         lines += [f"- {c['cft']} − {c['sft']}: {c['diff']:+.4f} (p {c['p']:.4f}; MDE {c['mde']:.4f})"
                   for c in report["cft_vs_sft"]]
+    for e in report.get("extrapolation", []):
+        def fmt(t: float | None) -> str:
+            return "never (slope <= 0)" if t is None else f"{t:,.0f}"
+        lines += ["", f"Extrapolation ({e['method'].upper()}, a line through {', '.join(e['points'])}: NDCG@10 against "
+                  f"log10(training tokens)): it reaches {e['target']}'s mean at {fmt(e['tokens'])} training tokens, 95% "
+                  f"interval {fmt(e['ci'][0])} to {fmt(e['ci'][1])} ({e['n_boot']:,} user resamples; "
+                  f"{e['share_never']:.0%} of them never reach it). A straight line in log tokens through "
+                  f"{len(e['points'])} points is an assumption, not a measurement of what lies beyond them."]
     lines.append("")
     return "\n".join(lines)
 
