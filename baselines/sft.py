@@ -269,7 +269,7 @@ class SFT(Method):
         self.ctx.notes["sft"] = {
             "valid_loss": final_loss,
             "train_examples": self.n_train,
-            "train_tokens": self.result.tokens,
+            "train_tokens": self.result.total_tokens,
             "steps": self.result.steps,
             "best_step": self.result.best_step,
             "best_score": self.result.best_score,

@@ -45,7 +45,7 @@ def load(store: RunStore, dataset: str, protocol: str, baselines: list[str]):
         cfg = unit.config
         label, seed = cfg["label"], int(cfg["seed"])
         if seed == 0 and label in BUDGET_ROWS:  # the leaderboard's own row is the budget's point
-            examples = ((unit.metrics.get("info") or {}).get(label) or {}).get("train_examples")
+            examples = (unit.metrics.get("info") or {}).get("train_examples")
             if examples is not None:
                 label = f"{label}_n{int(examples)}"
         if seed != 0 or not (POINT.match(label) or label in baselines) or label in series:
@@ -154,6 +154,8 @@ def render_markdown(report: dict, dataset: str) -> str:
         "training item for three epochs (`last3`); the commands are in `bench/learning_curve.sh`, and the",
         "point of the budget itself (`n2048`) is the leaderboard's `sft`/`cft` row (`bench/republish.sh`).",
         "Validity: share of generated titles that name a real catalog item; Cov@10: share of the catalog in some top-10.",
+        "Valid loss: SFT's token cross-entropy on the validation users' answers; CFT's is the reference's",
+        "token-weighted cross-entropy (weights falling from 1 to beta along the answer), so they do not compare across methods.",
         f"p: paired two-sided randomization test ({report['permutations']:,} sign flips); p_Holm: Holm across all",
         f"points x baselines; MDE: the smallest difference detectable with 80% power at alpha 0.05.",
         "",

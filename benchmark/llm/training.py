@@ -42,6 +42,7 @@ from benchmark.errors import ConfigError
 from benchmark.llm.precision import autocast, weight_dtype
 from benchmark.llm.prompts import IGNORE
 from benchmark.llm.train_step import Stepper, run_step
+from benchmark.store import umask_mode
 
 Example = tuple[Sequence[int], Sequence[int]]  # (input_ids, labels)
 
@@ -106,6 +107,7 @@ class TrainResult:
     stopped_early: bool = False
     seconds: float = 0.0  # wall time of train() in this process
     tokens: int = 0  # tokens (incl. prompt) processed in this process
+    total_tokens: int = 0  # tokens trained on across every attempt that built the checkpoint
     total_seconds: float = 0.0  # training time of this checkpoint across every attempt that built it
     micro_batch: int = 0  # the micro-batch the last step ran with (below batch_size after out-of-memory)
     processes: int = 1  # data-parallel processes
@@ -390,6 +392,9 @@ def save_checkpoint(path: Path, model: Any, optimizer: Any, scheduler: Any, stat
             tmp / "trainer_state.pt",
         )
         (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1))
+        mode = umask_mode()  # safetensors writes 0600 whatever the umask; the store's files follow it
+        for file in tmp.iterdir():
+            os.chmod(file, mode)
 
     _atomic_dir_write(path, write)
 
@@ -546,6 +551,7 @@ def train(
             state = prior
             step = resumed_from = int(prior["step"])
         prior_seconds = float(state.get("train_seconds", 0.0))  # absent in checkpoints older than the field
+        prior_tokens = state.get("train_tokens")  # likewise; None: unknown for the earlier attempts
 
         stepper = Stepper.build(model, compute_loss, optimizer, device, procs, config.batch_size)
         tokens = 0
@@ -557,6 +563,8 @@ def train(
         def save() -> None:
             state["step"] = step
             state["train_seconds"] = prior_seconds + time.perf_counter() - t_start
+            if prior_tokens is not None or resumed_from == 0:
+                state["train_tokens"] = int(prior_tokens or 0) + tokens
             if ckpt is not None and procs.main:
                 save_checkpoint(ckpt, model, optimizer, scheduler, state, best)
 
@@ -622,6 +630,7 @@ def train(
         total_seconds=(float(state["train_seconds"]) if ckpt is not None and "train_seconds" in state
                        else prior_seconds + (time.perf_counter() - t_start if step > resumed_from else 0.0)),
         tokens=tokens,
+        total_tokens=int(state["train_tokens"]) if "train_tokens" in state else tokens,
         micro_batch=stepper.micro,
         processes=procs.world,
     )
