@@ -184,7 +184,7 @@ def render_markdown(report: dict, dataset: str) -> str:
                   for c in report["cft_vs_sft"]]
     for e in report.get("extrapolation", []):
         def fmt(t: float | None) -> str:
-            return "never (slope <= 0)" if t is None else f"{t:,.0f}"
+            return "never (slope <= 0)" if t is None else f"{t:,.0f}" if t < 1e9 else f"{t:.1e}"
         lines += ["", f"Extrapolation ({e['method'].upper()}, a line through {', '.join(e['points'])}: NDCG@10 against "
                   f"log10(training tokens)): it reaches {e['target']}'s mean at {fmt(e['tokens'])} training tokens, 95% "
                   f"interval {fmt(e['ci'][0])} to {fmt(e['ci'][1])} ({e['n_boot']:,} user resamples; "
