@@ -299,7 +299,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
     if args.path is None and args.dataset is None:
         for md in sorted(Path(args.leaderboards).glob("*.md")):
             if md.name != "README.md" and md.with_suffix("") not in folders:
-                print(f"skip {md}: published without evidence (before evidence was kept); nothing to verify")
+                print(f"skip {md}: no evidence folder (a leaderboard published before evidence was kept, or a report "
+                      "such as a learning curve); nothing to verify")
     print(f"verified {len(folders)} leaderboard(s)")
     return 0
 
