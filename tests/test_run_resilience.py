@@ -26,18 +26,24 @@ def files(folder: Path) -> dict[str, bytes]:
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-def test_kill_9_mid_run_then_the_same_command_resumes(tmp_path):
-    runs, gate = tmp_path / "runs", tmp_path / "gate"
+def start_gated_run(runs: Path, gate: Path, run_id: str) -> tuple[list[str], subprocess.Popen, Path]:
+    """pop then a Gate method that waits in fit while `gate` exists; returns once pop's unit is written."""
     gate.touch()
-    argv = command(runs, "--methods", "pop,gate_plugin:Gate", "--dataset", "synthetic", "--run-id", "k")
+    argv = command(runs, "--methods", "pop,gate_plugin:Gate", "--dataset", "synthetic", "--run-id", run_id)
     proc = subprocess.Popen(argv, env=env(GATE_FILE=str(gate)), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    pop = runs / "k" / "pop" / "seed-0"
+    pop = runs / run_id / "pop" / "seed-0"
     deadline = time.monotonic() + 120
     while not (pop / "metrics.json").is_file():  # pop is finished; Gate now waits in fit
         assert proc.poll() is None, proc.stderr.read().decode()
         assert time.monotonic() < deadline, "pop never finished"
         time.sleep(0.1)
     time.sleep(0.3)
+    return argv, proc, pop
+
+
+def test_kill_9_mid_run_then_the_same_command_resumes(tmp_path):
+    runs, gate = tmp_path / "runs", tmp_path / "gate"
+    argv, proc, pop = start_gated_run(runs, gate, "k")
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     proc.stderr.close()
@@ -56,16 +62,7 @@ def test_kill_9_mid_run_then_the_same_command_resumes(tmp_path):
 
 def test_sigterm_mid_run_marks_the_run_interrupted_and_keeps_finished_units(tmp_path):
     runs, gate = tmp_path / "runs", tmp_path / "gate"
-    gate.touch()
-    argv = command(runs, "--methods", "pop,gate_plugin:Gate", "--dataset", "synthetic", "--run-id", "t")
-    proc = subprocess.Popen(argv, env=env(GATE_FILE=str(gate)), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    pop = runs / "t" / "pop" / "seed-0"
-    deadline = time.monotonic() + 120
-    while not (pop / "metrics.json").is_file():
-        assert proc.poll() is None, proc.stderr.read().decode()
-        assert time.monotonic() < deadline, "pop never finished"
-        time.sleep(0.1)
-    time.sleep(0.3)
+    _, proc, pop = start_gated_run(runs, gate, "t")
     proc.send_signal(signal.SIGTERM)  # what `kill PID` and most job schedulers send
     assert proc.wait(timeout=60) == 130
     err = proc.stderr.read().decode()
