@@ -8,7 +8,9 @@ code paths (SFT and CFT under their CPU budget, CFT's reference recipe otherwise
 1. training tokens/s of `--steps` optimizer steps (micro-batch 16, no accumulation), SFT
    and CFT, full fine-tuning (the recipe) and LoRA r=8 on q/v, fp32 against bf16;
 2. ranking users/s on `--users` ML-100K test users: the reference grounding (5 free beams,
-   per-beam L2, round-robin) and the trie-constrained search with 20 beams, fp32 against bf16;
+   per-beam L2, round-robin) and the trie-constrained search with 20 beams, fp32 against bf16,
+   with the tokens each decoded and the time in one-token decoding steps (free generation may
+   stop at other lengths in bf16, so decoded tokens/s is the like-for-like ratio there);
 3. whether bf16 ranking keeps fp32's order where fp32 has no ties (trie scores).
 
 Every figure of one machine comes from this one process, so ratios compare like with like.
@@ -83,11 +85,37 @@ def rank_rate(split, precision: str, grounding: str, users: int, tmp: Path) -> d
     request = RankRequest(test.users[rows], [test.histories[r] for r in rows],
                           CandidateSet("full", test.users[rows]), k=20)
     method.rank(RankRequest(request.users[:2], request.histories[:2], CandidateSet("full", request.users[:2]), 20))
+    # Free generation stops at each beam's end of sequence, so the two precisions need not decode
+    # the same number of tokens. The model's calls are timed by kind: one-token decoding
+    # steps (rows x 1) and the rest (prompts, embedded titles); decoded tokens/s is the
+    # like-for-like speed where the token counts differ.
+    tally = {"decode_tokens": 0, "decode_s": 0.0, "other_positions": 0, "other_s": 0.0}
+    started: list[tuple[float, int, int]] = []
+
+    def before(_module, args, kwargs):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        shape = tuple((ids if ids is not None else kwargs["inputs_embeds"][..., 0]).shape)
+        started.append((time.perf_counter(), shape[0], shape[-1]))
+
+    def after(_module, _args, _kwargs, _out):
+        t, rows, length = started.pop()
+        kind = "decode" if length == 1 else "other"
+        tally[f"{kind}_s"] += time.perf_counter() - t
+        tally["decode_tokens" if length == 1 else "other_positions"] += rows * length
+
+    model = method.llm.model  # the decoders call the whole model (body and fp32 head) per step
+    hooks = [model.register_forward_pre_hook(before, with_kwargs=True),
+             model.register_forward_hook(after, with_kwargs=True)]
     t0 = time.perf_counter()
-    ranked = method.rank(request)
+    try:
+        ranked = method.rank(request)
+    finally:
+        for h in hooks:
+            h.remove()
     seconds = time.perf_counter() - t0
-    return {"users_per_s": users / seconds, "seconds_per_user": seconds / users, "items": ranked.items,
-            "scores": ranked.scores}
+    return {"users_per_s": users / seconds, "seconds_per_user": seconds / users, **tally,
+            "decode_tokens_per_s": tally["decode_tokens"] / max(tally["decode_s"], 1e-9),
+            "items": ranked.items, "scores": ranked.scores}
 
 
 def main() -> None:
@@ -117,6 +145,7 @@ def main() -> None:
         res = {p: rank_rate(split, p, grounding, args.users, tmp / f"rank_{grounding}_{p}") for p in ("fp32", "bf16")}
         entry = {p: {k: v for k, v in r.items() if k not in ("items", "scores")} for p, r in res.items()}
         entry["bf16/fp32"] = res["bf16"]["users_per_s"] / res["fp32"]["users_per_s"]
+        entry["bf16/fp32 decoded tokens/s"] = res["bf16"]["decode_tokens_per_s"] / res["fp32"]["decode_tokens_per_s"]
         if grounding == "trie":
             fp, bf = res["fp32"], res["bf16"]
             no_tie = [r for r in range(args.users) if len(np.unique(fp["scores"][r])) == fp["scores"].shape[1]]

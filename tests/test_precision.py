@@ -34,6 +34,33 @@ def test_the_head_computes_fp32_logits_under_bf16_autocast():
     assert model_precision(llm.model) == "bf16"
 
 
+def test_the_heads_fp32_copy_is_made_once_and_follows_weight_changes():
+    llm = _bf16_llm()
+    head = llm.model.get_output_embeddings()
+    x = torch.randn(2, llm.model.config.hidden_size).bfloat16()
+    casts = []
+    real_float = torch.Tensor.float
+
+    def counting_float(t, *a, **k):
+        if t is head.weight or t.data_ptr() == head.weight.data_ptr():
+            casts.append(1)
+        return real_float(t, *a, **k)
+
+    with torch.no_grad(), fp32_head(llm.model):
+        torch.Tensor.float = counting_float
+        try:
+            first = head(x)
+            assert torch.equal(head(x), first) and len(casts) == 1  # one copy for many steps
+            head.weight.mul_(2)  # an in-place change (an optimizer step) invalidates the copy
+            torch.testing.assert_close(head(x), 2 * first, rtol=1e-2, atol=1e-2)
+            assert len(casts) == 2
+        finally:
+            torch.Tensor.float = real_float
+    with fp32_head(llm.model):  # with gradients the weight is never a stale detached copy
+        head(x).sum().backward()
+    assert head.weight.grad is not None and head.weight.grad.abs().sum() > 0
+
+
 def test_verbalizer_scores_have_no_ties_where_fp32_has_none():
     llm = _bf16_llm()
     rng = np.random.default_rng(0)
