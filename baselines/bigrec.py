@@ -84,8 +84,9 @@ class BIGRec(SFT):
     REFERENCE: ClassVar[str] = f"{BIGREC} (Bao et al. 2023, arXiv 2308.08434)"
     BUDGETS: ClassVar[dict[str, Budget]] = {
         "cpu": Budget(
-            reason="a 2-core CPU needs ~10 minutes per epoch with validation (bench/RESULTS.md); 50 epochs would "
-                   "take 8 hours; free generation stops at 40 new tokens (the longest MovieLens answer is 31-35)",
+            reason="an epoch (1,024 windows, ~211k tokens) with its validation took ~33 minutes on one thread of "
+                   "the 2-core CPU beside another job (bench/RESULTS.md); 50 epochs would take over a day; free "
+                   "generation stops at 40 new tokens (the longest MovieLens answer is 31-35)",
             changes={"epochs": 10, "valid_users": 256, "max_new_tokens": 40},
         ),
     }
