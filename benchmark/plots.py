@@ -38,6 +38,28 @@ def render_png(lb: Leaderboard) -> bytes:
 COST_FLOOR_S = 0.01  # a row faster than this is drawn at it (a log axis has no zero)
 
 
+def label_steps(x: np.ndarray, y: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> list[int]:
+    """How many label heights to move each point's label down so that no two labels overlap.
+
+    Labels sit right of their points; two collide when their points are within ~0.7 decades of
+    each other on the log x axis and their text lines within one label height (about 4% of the
+    plotted y range). Higher points keep their place; a lower one moves down until it is free.
+    """
+    if len(x) == 0:
+        return []
+    height = 0.04 * max(float(np.max(hi) - np.min(lo)), 1e-12)
+    logx = np.log10(x)
+    placed: list[tuple[float, float]] = []
+    steps = [0] * len(x)
+    for i in sorted(range(len(x)), key=lambda j: (-y[j], logx[j])):
+        k = 0
+        while any(abs(logx[i] - px) < 0.7 and abs(y[i] - k * height - py) < height for px, py in placed):
+            k += 1
+        placed.append((float(logx[i]), float(y[i] - k * height)))
+        steps[i] = k
+    return steps
+
+
 def render_cost_png(lb: Leaderboard) -> bytes:
     """Primary metric (with its CI) against training + evaluation seconds on a log axis; one point per row.
 
@@ -59,8 +81,9 @@ def render_cost_png(lb: Leaderboard) -> bytes:
     hi = np.array([r.ci[lb.primary][1] for r in timed])
     if timed:
         ax.errorbar(cost, means, yerr=[means - lo, hi - means], fmt="o", color="#1f77b4", ecolor="#444444", capsize=4)
-        for r, x, y in zip(timed, cost, means):
-            ax.annotate(f"{r.letter}: {r.label}", (x, y), xytext=(6, 4), textcoords="offset points", fontsize=8)
+        for r, x, y, step in zip(timed, cost, means, label_steps(cost, means, lo, hi)):
+            ax.annotate(f"{r.letter}: {r.label}", (x, y), xytext=(6, 4 - 11 * step), textcoords="offset points",
+                        fontsize=8, arrowprops={"arrowstyle": "-", "lw": 0.5, "color": "#888888"} if step else None)
         ax.set_xlim(cost.min() / 3.0, cost.max() * 6.0)  # room for the labels on the right
     ax.set_xscale("log")
     ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x:g}"))  # 0.1, 1, 10, 100 rather than 10^k
