@@ -361,6 +361,8 @@ class CALRec(Method):
     def check_params(cls, params: CALRecParams) -> None:
         from benchmark.data import check_dataset
 
+        if params.stage1.strip() == "auto":
+            return  # the other MovieLens of the pair, or none: chosen at fit from the target dataset
         for spec in parse_specs(params.stage1):
             check_dataset(spec)  # an unknown stage-1 dataset fails before any work
 

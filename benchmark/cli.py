@@ -351,7 +351,9 @@ def build_parser() -> argparse.ArgumentParser:
     _split_args(s)
     s.add_argument("--candidates", default="full", help="full (default), sampled:N[:pop], retrieved:METHOD:K")
     s.add_argument("--seeds", default="0", help="comma-separated seeds, one run per method and seed")
-    s.add_argument("--eval-users", type=int, default=None, help="seeded subsample of test users, shared by all methods")
+    s.add_argument("--eval-users", type=int, default=None,
+                   help="seeded subsample of test users, shared by all methods (its own protocol: bf16 LLM lists "
+                        "depend on the decoding batch, so it is not an exact slice of the all-user run)")
     s.add_argument("--k", type=int, default=20, help="length of each ranked list (metrics use @1/5/10/20)")
     s.add_argument("--set", action="append", metavar="METHOD.FIELD=VALUE", help="override a hyperparameter")
     s.add_argument("--config", type=Path, default=None, help="TOML file with one [method] table of hyperparameters")

@@ -112,6 +112,26 @@ def test_training_lowers_loss_and_uses_only_labelled_positions(tokenizer):
     assert result.best_score > before + 0.5  # minus loss went up: the model learned the targets
 
 
+def test_token_losses_attribute_each_token_to_its_example_and_match_the_validator(tokenizer):
+    from benchmark.llm.training import example_loss, loss_validator, token_losses
+
+    llm = fresh(tokenizer)
+    examples = some_examples(llm, 5)
+    sums, counts = torch.zeros(5), torch.zeros(5)
+    start = 0
+    for losses, rows, n_rows in token_losses(llm.model, examples, llm.pad_id, batch_size=2):
+        sums[start : start + n_rows] += torch.bincount(rows, weights=losses, minlength=n_rows)
+        counts[start : start + n_rows] += torch.bincount(rows, minlength=n_rows)
+        start += n_rows
+    assert start == 5
+    for i, example in enumerate(examples):  # each example alone, padded to nothing
+        with torch.no_grad():
+            alone, n = example_loss(llm.model, collate([example], llm.pad_id), reduction="sum")
+        assert int(counts[i]) == n and float(sums[i]) == pytest.approx(float(alone), rel=1e-4)
+    assert -loss_validator(examples, llm.pad_id, batch_size=3)(llm.model) == pytest.approx(
+        float(sums.sum() / counts.sum()), rel=1e-5)
+
+
 def test_resume_after_interruption_gives_identical_model(tokenizer, tmp_path):
     config = TrainConfig(lora=True, lr=1e-2, epochs=2, batch_size=2, eval_every=1, patience=0, lora_dropout=0.0,
                          progress=False)

@@ -13,7 +13,7 @@ from benchmark.candidates import build_candidates, parse_protocol, target_in_can
 from benchmark.config import params_key, parse_sets, resolve_params
 from benchmark.data.synthetic import tiny_split
 from benchmark.errors import ConfigError, MethodError
-from benchmark.registry import Method, get_method
+from benchmark.registry import Method, builtin_methods, get_method
 from benchmark.runner import RunOptions, Runner, check_ranking, resolve_method, subsample_users
 from benchmark.store import RunStore
 from benchmark.types import PAD, CandidateSet, RankedLists, RankRequest
@@ -305,3 +305,11 @@ def test_label_alias_runs_one_method_twice_with_separate_overrides(split, tmp_pa
 def test_settings_naming_missing_methods_or_datasets_fail_before_any_work(name, overrides, message):
     with pytest.raises(ConfigError, match=message):
         resolve_method(name, overrides)
+
+
+def test_every_shipped_method_resolves_with_its_own_defaults():
+    # `run --methods NAME` with no --set must pass every check a method makes on its settings
+    # (calrec's default stage1="auto" once reached the dataset check as a dataset name)
+    for name in builtin_methods():
+        resolved = resolve_method(name, {})
+        assert resolved.label == name

@@ -29,7 +29,7 @@ import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -463,28 +463,36 @@ def loss_validator(
     evaluation loss this way); the loss is then the weighted sum over the weight total."""
 
     def validate(model: Any) -> float:
-        device = next(model.parameters()).device
         total, count = 0.0, 0.0
         was_training = model.training
         model.eval()
-        with torch.no_grad(), autocast(device, precision):
-            for start in range(0, len(examples), batch_size):
-                chunk = examples[start : start + batch_size]
-                batch = collate(chunk, pad_id, device)
-                logits, targets, rows = label_logits(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
-                losses = F.cross_entropy(logits.float(), targets, reduction="none")
-                if token_weights is None:
-                    total += float(losses.sum())
-                    count += int(targets.numel())
-                    continue
-                counts = torch.bincount(rows, minlength=len(chunk)).tolist()
-                w = torch.from_numpy(np.concatenate([token_weights(c) for c in counts if c])).to(losses.device)
-                total += float((losses * w).sum())
-                count += float(w.sum())
+        for losses, rows, n_rows in token_losses(model, examples, pad_id, batch_size=batch_size, precision=precision):
+            if token_weights is None:
+                total += float(losses.sum())
+                count += int(losses.numel())
+                continue
+            counts = torch.bincount(rows, minlength=n_rows).tolist()
+            w = torch.from_numpy(np.concatenate([token_weights(c) for c in counts if c])).to(losses.device)
+            total += float((losses * w).sum())
+            count += float(w.sum())
         model.train(was_training)
         return -total / max(count, 1e-12)
 
     return validate
+
+
+def token_losses(
+    model: Any, examples: Sequence[Example], pad_id: int, *, batch_size: int = 16, precision: str = "fp32"
+) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
+    """Per batch of `examples`, without gradients: (fp32 cross-entropy of each labelled token,
+    the example row of each within the batch, the batch's number of examples)."""
+    device = next(model.parameters()).device
+    with torch.no_grad(), autocast(device, precision):
+        for start in range(0, len(examples), batch_size):
+            chunk = examples[start : start + batch_size]
+            batch = collate(chunk, pad_id, device)
+            logits, targets, rows = label_logits(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
+            yield F.cross_entropy(logits.float(), targets, reduction="none"), rows, len(chunk)
 
 
 def train(
