@@ -9,8 +9,9 @@ model's per-user validation loss (the mean token cross-entropy of the answer, as
 `valid_loss`) is computed under both evaluation precisions, so the training precision's effect
 is separated from the evaluation's (the weights are those the model ranks with, bf16 after a
 bf16 run, held in fp32; the run's own `valid_loss` was taken on the fp32 master weights, so
-the bf16 row's "eval bf16" value is close to it, not equal). The difference of the pooled token means gets a paired
-bootstrap interval over users (10,000 resamples, seed 0). The test NDCG@10 difference of the
+the bf16 row's "eval bf16" value is close to it, not equal). The difference of the pooled token
+means (the run's definition, so `stats.bootstrap_ci`'s mean of per-user values does not apply)
+gets a paired bootstrap interval over users (10,000 resamples, seed 0). The test NDCG@10 difference of the
 two runs comes from `python -m benchmark compare`. JSON to stdout.
 """
 
