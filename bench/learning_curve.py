@@ -188,7 +188,7 @@ def render_markdown(report: dict, dataset: str) -> str:
         lines += ["", f"Extrapolation ({e['method'].upper()}, a line through {', '.join(e['points'])}: NDCG@10 against "
                   f"log10(training tokens)): it reaches {e['target']}'s mean at {fmt(e['tokens'])} training tokens, 95% "
                   f"interval {fmt(e['ci'][0])} to {fmt(e['ci'][1])} ({e['n_boot']:,} user resamples; "
-                  f"{e['share_never']:.0%} of them never reach it). A straight line in log tokens through "
+                  f"{e['share_never']:.1%} of them never reach it). A straight line in log tokens through "
                   f"{len(e['points'])} points is an assumption, not a measurement of what lies beyond them."]
     lines.append("")
     return "\n".join(lines)

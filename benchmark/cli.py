@@ -1,4 +1,5 @@
-"""`python -m benchmark VERB ...`: list, data prepare|fetch, run, leaderboard, compare, verify, runs.
+"""`python -m benchmark VERB ...`: list, recipes, data prepare|fetch, run, leaderboard, compare, verify,
+runs.
 
 Every BenchmarkError, and every OSError (with its path, the errno's meaning and what to do),
 becomes one line on stderr and exit code 2.

@@ -37,7 +37,7 @@ class RunContext:
     validate: Callable[[RankedLists], dict[str, float]]
     llm: str | None = None  # --llm: hub id, local directory or GGUF file for LLM methods
     dataset_loader: Callable[[str], Any] | None = None  # other datasets (CALRec stage 1)
-    method_loader: Callable[..., Any] | None = None  # other methods' finished rankings (LlamaRec)
+    method_loader: Callable[..., Any] | None = None  # name -> a fitted classic method of this seed (LlamaRec, P2Rec first stages)
     progress: bool = True
     notes: dict[str, Any] = field(default_factory=dict)  # run-level facts a method reports
     # where a method may keep fitted models keyed by its own fingerprint (None: no caching,
