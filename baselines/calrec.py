@@ -89,7 +89,8 @@ The CPU budget ("cpu"): 1,024 stage-1 and 2,048 stage-2 examples, one epoch, 256
 validation users, 8 samples.
 
 Reported in ctx.notes["calrec"]: inference mode, examples / steps / train seconds per
-stage, catalog embedding seconds and whether they came from the cache (dense).
+stage (across every attempt that built its checkpoint), their sum and the part of it spent
+before a resume, catalog embedding seconds and whether they came from the cache (dense).
 """
 
 from __future__ import annotations
@@ -109,12 +110,12 @@ import torch.nn.functional as F
 
 from baselines.sft import exclusions, history_texts
 from benchmark.errors import ConfigError
-from benchmark.llm.contrastive import DIRECTIONS, info_nce, span_mean, text_groups
+from benchmark.llm.contrastive import DIRECTIONS
 from benchmark.hparams import hp
 from benchmark.llm.fields import BUNDLED_LLM, LLMFields, TrainFields
 from benchmark.llm.loading import LLM
 from benchmark.llm.precision import PRECISIONS, autocast, cpu_threads, fp32, inference_precision
-from benchmark.llm.pooling import batch_ids, cached_item_embeddings, embed_batches, last_hidden, pooled_hidden
+from benchmark.llm.pooling import cached_item_embeddings, embed_batches
 from benchmark.llm.prompts import (
     IGNORE,
     ITEM_TEXT_STYLES,
@@ -131,13 +132,12 @@ from benchmark.llm.training import (
     TrainConfig,
     TrainResult,
     cap_examples,
-    head_logits,
-    label_positions,
     merge_for_inference,
     prepare_model,
     sequence_examples,
     train,
 )
+from benchmark.llm.two_tower import CALRecExample, calrec_collate, calrec_terms
 from benchmark.ranking import fill_by_popularity
 from benchmark.recipes import Budget
 from benchmark.registry import Method, register_method
@@ -160,10 +160,6 @@ CALREC_TEMPLATE = PromptTemplate(
 )
 PROMPTS: dict[str, PromptTemplate] = {**TEMPLATES, "calrec": CALREC_TEMPLATE}
 
-# (input_ids, labels, user_start, prompt_len, item_ids): the factual sequence prompt + target
-# + eos with SFT's labels; v_U pools [user_start, prompt_len), v_T|U pools
-# [prompt_len, prompt_len + len(item_ids)); the item tower reads item_ids alone.
-CALRecExample = tuple[np.ndarray, np.ndarray, int, int, np.ndarray]
 
 
 def parse_specs(text: str) -> list[str]:
@@ -265,60 +261,6 @@ CPU_BUDGET = Budget(
     changes={"stage1_max_examples": 1024, "max_train_examples": 2048, "epochs": 1, "valid_users": 256,
              "n_samples": 8},
 )
-
-
-# -- training batches and loss ---------------------------------------------------------------
-
-
-def calrec_collate(
-    examples: Sequence[CALRecExample], pad_id: int, device: torch.device | str = "cpu"
-) -> dict[str, torch.Tensor]:
-    """Right-padded factual rows (input_ids, attention_mask, labels), the pooling spans, the
-    item-tower rows (item_input_ids, item_attention_mask) and duplicate-text groups."""
-    width = max(len(ex[0]) for ex in examples)
-    n = len(examples)
-    ids = torch.full((n, width), pad_id, dtype=torch.long)
-    labels = torch.full((n, width), IGNORE, dtype=torch.long)
-    mask = torch.zeros((n, width), dtype=torch.long)
-    for row, (x, y, _, _, _) in enumerate(examples):
-        ids[row, : len(x)] = torch.as_tensor(np.asarray(x, dtype=np.int64))
-        labels[row, : len(y)] = torch.as_tensor(np.asarray(y, dtype=np.int64))
-        mask[row, : len(x)] = 1
-    items = batch_ids([list(map(int, ex[4])) for ex in examples], pad_id, device)
-    return {
-        "input_ids": ids.to(device),
-        "attention_mask": mask.to(device),
-        "labels": labels.to(device),
-        "user_start": torch.tensor([int(ex[2]) for ex in examples], device=device),
-        "prompt_len": torch.tensor([int(ex[3]) for ex in examples], device=device),
-        "target_end": torch.tensor([int(ex[3]) + len(ex[4]) for ex in examples], device=device),
-        "item_input_ids": items["input_ids"],
-        "item_attention_mask": items["attention_mask"],
-        "groups": text_groups([ex[4] for ex in examples]).to(device),
-    }
-
-
-def calrec_terms(
-    model: Any, batch: dict[str, torch.Tensor], *, tau: float, direction: str = "both",
-    tt: bool = True, ut: bool = True,
-) -> dict[str, torch.Tensor]:
-    """Per-example losses [b]: "nig" (mean token CE of the target), "tt" and "ut" (InfoNCE)."""
-    hidden = last_hidden(model, batch["input_ids"], batch["attention_mask"])
-    b = hidden.shape[0]
-    label_mask, targets = label_positions(batch["labels"])
-    rows = label_mask.nonzero(as_tuple=True)[0]
-    ce = F.cross_entropy(head_logits(model, hidden[:, :-1][label_mask]).float(), targets, reduction="none")
-    counts = torch.bincount(rows, minlength=b).clamp(min=1).to(ce.dtype)
-    terms = {"nig": torch.zeros(b, device=ce.device, dtype=ce.dtype).index_add(0, rows, ce) / counts}
-    if tt or ut:
-        v_t = pooled_hidden(model, batch["item_input_ids"], batch["item_attention_mask"], "mean")
-        if ut:
-            v_u = span_mean(hidden, batch["user_start"], batch["prompt_len"])
-            terms["ut"] = info_nce(v_u, v_t, tau, groups=batch["groups"], direction=direction, reduction="none")
-        if tt:
-            v_tu = span_mean(hidden, batch["prompt_len"], batch["target_end"])
-            terms["tt"] = info_nce(v_tu, v_t, tau, groups=batch["groups"], direction=direction, reduction="none")
-    return terms
 
 
 def calrec_loss(model: Any, batch: dict[str, torch.Tensor], p: CALRecParams) -> tuple[torch.Tensor, int]:
@@ -512,6 +454,7 @@ class CALRec(Method):
                  f"{p.nig_weight},{p.tt_weight},{p.ut_weight},{p.tau},{p.contrastive}"
         notes: dict[str, Any] = {"inference": p.inference, "stage1": None}
         model = self.llm.model
+        self.results = {}
 
         # stage 1: mixture of domains
         stage1_fp = ""
@@ -537,7 +480,7 @@ class CALRec(Method):
             stage1_fp = config1.fingerprint(len(examples1), extra1)
             model = merge_for_inference(model, "fp32" if not p.lora else p.precision)  # stage 2 starts here
             notes["stage1"] = {"datasets": names, "examples": len(examples1), "steps": res1.steps,
-                               "resumed_from": res1.resumed_from, "train_seconds": round(res1.seconds, 2)}
+                               "resumed_from": res1.resumed_from, "train_seconds": round(res1.total_seconds, 2)}
 
         # stage 2: the target domain
         config2 = self.train_config(stage=2)
@@ -571,7 +514,13 @@ class CALRec(Method):
         self.weights_fingerprint = self._fingerprint(config2.fingerprint(len(examples), extra2), data.fingerprint)
         notes["stage2"] = {"examples": len(examples), "steps": res2.steps, "best_step": res2.best_step,
                            "best_score": res2.best_score, "stopped_early": res2.stopped_early,
-                           "resumed_from": res2.resumed_from, "train_seconds": round(res2.seconds, 2)}
+                           "resumed_from": res2.resumed_from, "train_seconds": round(res2.total_seconds, 2)}
+        # training time across both stages and every attempt (a stage's checkpoint may predate this process)
+        stages = [r for r in (self.results.get("stage1"), res2) if r is not None]
+        notes["train_seconds"] = round(sum(r.total_seconds for r in stages), 2)
+        notes["prior_train_seconds"] = round(sum(r.prior_seconds for r in stages), 2)
+        if all(r.loaded_only for r in stages):
+            notes["loaded_from"] = str(stage2_dir)  # both stages' finished checkpoints, only loaded
         ctx.notes["calrec"] = notes
 
     def _stage_dir(self, stage: str, fingerprint: str) -> Path:

@@ -278,6 +278,7 @@ class LlamaRec(Method):
             "best_valid_ndcg@10": self.result.best_score,
             "valid_users": 0 if validate is None else int(getattr(validate, "n_users", 0)),
             "train_seconds": round(self.result.total_seconds, 2),
+            "prior_train_seconds": round(self.result.prior_seconds, 2),  # of attempts before a resume
             "history": self.result.history,
             "precision": p.precision,
         }

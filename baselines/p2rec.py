@@ -621,6 +621,7 @@ class P2Rec(Method):
             "stopped_early": result.stopped_early,
             "resumed_from": result.resumed_from,
             "train_seconds": round(result.total_seconds, 2),
+            "prior_train_seconds": round(result.prior_seconds, 2),  # of attempts before a resume
             "valid_mse": valid_mse,
             "valid_mse_constant": valid_const,
         })

@@ -277,6 +277,7 @@ class SFT(Method):
             "stopped_early": self.result.stopped_early,
             "resumed_from": self.result.resumed_from,
             "train_seconds": round(self.result.total_seconds, 2),
+            "prior_train_seconds": round(self.result.prior_seconds, 2),  # of attempts before a resume
             "precision": p.precision,
         }
         if self.result.loaded_only:

@@ -152,6 +152,12 @@ def _cached_train_seconds(notes: dict[str, Any]) -> float | None:
     return None
 
 
+def _resumed_train_seconds(notes: dict[str, Any]) -> float:
+    """Training seconds that earlier, interrupted attempts put into the checkpoints this fit resumed
+    from (the `prior_train_seconds` of each notes entry): fit() in this process timed only the rest."""
+    return float(sum(float(v.get("prior_train_seconds") or 0.0) for v in notes.values() if isinstance(v, dict)))
+
+
 def method_label(name: str) -> str:
     """The label a --methods entry is stored under (`LABEL=METHOD`, a name, or `module:Class`)."""
     label, sep, _ = name.partition("=")
@@ -429,14 +435,17 @@ class Runner:
                 rec["first_stage_ndcg@10"] = float(first["ndcg@10"][row])
         in_cands = target_in_candidates(self.test_candidates, targets)
         cached_train = _cached_train_seconds(ctx.notes)
+        resumed_train = 0.0 if cached_train is not None else _resumed_train_seconds(ctx.notes)
         summary = {
             "means": {m: float(v.mean()) for m, v in metrics.items()},
             "coverage@10": coverage(ranked.items, self.split.n_items, k=10),
             "n_users": int(len(targets)),
             "target_in_candidates": float(in_cands.mean()),
             # a model loaded from the fitted-model cache reports the training time of the cached fit
-            "train_time_s": round(train_s if cached_train is None else cached_train, 3),
+            # one resumed after an interruption adds the training time of the attempts before it
+            "train_time_s": round(train_s + resumed_train if cached_train is None else cached_train, 3),
             "fit_wall_s": round(train_s, 3),  # fit() in this run (loading, when cached)
+            "train_resumed_s": round(resumed_train, 3),  # included in train_time_s
             "train_cached": cached_train is not None,
             "eval_time_s": round(eval_s, 3),
             "peak_memory": memory,

@@ -12,11 +12,10 @@ import torch
 import baselines.calrec  # noqa: F401  (registers "calrec")
 from baselines.calrec import (
     CALRecParams,
-    calrec_collate,
-    calrec_terms,
     parse_specs,
     sample_generations,
 )
+from benchmark.llm.two_tower import calrec_collate, calrec_terms
 from benchmark.config import resolve_params
 from benchmark.data.synthetic import tiny_split
 from benchmark.errors import ConfigError
@@ -341,6 +340,11 @@ def test_catalog_embeddings_are_cached_and_reused(model_dir, tmp_path):
     second = make(model_dir, work, inference="dense", early_stopping="none")
     second.fit(data)  # the finished checkpoint is reused: same weights, same fingerprint
     assert second.ctx.notes["calrec"]["stage2"]["resumed_from"] == 2
+    # only loaded: the unit reports the first fit's training time as a cached fit's
+    n1, n2 = first.ctx.notes["calrec"], second.ctx.notes["calrec"]
+    assert "loaded_from" not in n1 and n1["prior_train_seconds"] == 0.0 and n1["train_seconds"] > 0
+    assert n2["loaded_from"] and n2["train_seconds"] == pytest.approx(n1["train_seconds"], abs=0.05)
+    assert n2["stage2"]["train_seconds"] == pytest.approx(n1["stage2"]["train_seconds"], abs=0.05)
     assert second.weights_fingerprint == first.weights_fingerprint
     r2 = second.rank(request_for(data, k=3))
     assert second.ctx.notes["calrec"]["catalog_embeddings_cached"] is True

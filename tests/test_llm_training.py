@@ -169,6 +169,11 @@ def test_resume_after_interruption_gives_identical_model(tokenizer, tmp_path):
     # training time accumulates across the attempts that built the checkpoint; loading adds none
     assert result.total_seconds > result.seconds > 0
     assert again_result.total_seconds == pytest.approx(result.total_seconds, abs=0.05)
+    # the part spent before this attempt: the interrupted attempt's, then (only loaded) all of it
+    assert ref_result.prior_seconds == 0.0
+    assert 0 < result.prior_seconds < result.total_seconds
+    assert result.prior_seconds + result.seconds == pytest.approx(result.total_seconds, abs=0.5)
+    assert again_result.prior_seconds == pytest.approx(again_result.total_seconds, abs=1e-6)
     # tokens trained on add up across attempts too, and a load reports them (the learning curve's x)
     assert ref_result.total_tokens == ref_result.tokens > 0
     assert result.total_tokens == again_result.total_tokens == ref_result.total_tokens > result.tokens > 0

@@ -281,6 +281,36 @@ def test_model_loaded_from_the_fit_cache_reports_the_cached_training_time(split,
     assert again.metrics["train_time_s"] == pytest.approx(notes["train_seconds"], abs=1e-3)
 
 
+class ResumedFit(Method):
+    """Reports, as a resumed LLM fit does, training that earlier attempts put into its checkpoint."""
+
+    Params = _NoParams
+
+    def fit(self, data):
+        self.n_items = data.n_items
+        self.ctx.notes["resumed"] = {"train_seconds": 130.0, "prior_train_seconds": 120.0}
+
+    def rank(self, request):
+        import torch
+
+        from benchmark.ranking import rank_by_scores
+
+        return rank_by_scores(request, self.n_items, lambda users, histories: torch.zeros(len(users), self.n_items))
+
+
+def test_a_resumed_fit_reports_the_training_time_of_every_attempt(split, tmp_path, monkeypatch):
+    import benchmark.runner as runner_mod
+
+    real = runner_mod.get_method
+    monkeypatch.setattr(runner_mod, "get_method", lambda name: ResumedFit if name == "resumed" else real(name))
+    _, (o,) = run(split, tmp_path, ["resumed"])
+    m = o.metrics
+    assert m["train_resumed_s"] == 120.0 and m["train_cached"] is False
+    assert m["train_time_s"] == pytest.approx(m["fit_wall_s"] + 120.0, abs=1e-3)
+    _, (plain,) = run(split, tmp_path, ["pop"])
+    assert plain.metrics["train_resumed_s"] == 0.0 and plain.metrics["train_time_s"] == plain.metrics["fit_wall_s"]
+
+
 def test_label_alias_runs_one_method_twice_with_separate_overrides(split, tmp_path):
     overrides = {"rand_b": {}}  # the label, not the method, takes --set values
     _, outcomes = run(split, tmp_path, ["random", "rand_b=random"], overrides=overrides)

@@ -109,6 +109,7 @@ class TrainResult:
     tokens: int = 0  # tokens (incl. prompt) processed in this process
     total_tokens: int = 0  # tokens trained on across every attempt that built the checkpoint
     total_seconds: float = 0.0  # training time of this checkpoint across every attempt that built it
+    prior_seconds: float = 0.0  # the part of total_seconds that earlier attempts spent (all of it when only loaded)
     micro_batch: int = 0  # the micro-batch the last step ran with (below batch_size after out-of-memory)
     processes: int = 1  # data-parallel processes
 
@@ -637,6 +638,7 @@ def train(
         # figure); a finished checkpoint only loaded here adds no training time
         total_seconds=(float(state["train_seconds"]) if ckpt is not None and "train_seconds" in state
                        else prior_seconds + (time.perf_counter() - t_start if step > resumed_from else 0.0)),
+        prior_seconds=prior_seconds,
         tokens=tokens,
         total_tokens=int(state["train_tokens"]) if "train_tokens" in state else tokens,
         micro_batch=stepper.micro,
