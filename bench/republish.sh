@@ -39,5 +39,5 @@ if [ "$which" = all ] || [ "$which" = ml100k ]; then
 fi
 if [ "$which" = all ] || [ "$which" = ml1m ]; then
   job ml1m-classic --dataset ml-1m --methods random,pop,sasrec,sasrec_v1 --seeds 0 $(threads_for sasrec sasrec_v1)
-  job ml1m-p2rec --dataset ml-1m --methods p2rec --seeds 0 $(threads_for p2rec sasrec)
+  job ml1m-p2rec --dataset ml-1m --methods p2rec --seeds 0 $(threads_for p2rec sasrec) --set p2rec.checkpoint_every=8
 fi
