@@ -161,7 +161,6 @@ CALREC_TEMPLATE = PromptTemplate(
 PROMPTS: dict[str, PromptTemplate] = {**TEMPLATES, "calrec": CALREC_TEMPLATE}
 
 
-
 def parse_specs(text: str) -> list[str]:
     """'ml-1m,synthetic:seed=1,n_users=50' -> ['ml-1m', 'synthetic:seed=1,n_users=50'].
 

@@ -10,12 +10,7 @@ import pytest
 import torch
 
 import baselines.calrec  # noqa: F401  (registers "calrec")
-from baselines.calrec import (
-    CALRecParams,
-    parse_specs,
-    sample_generations,
-)
-from benchmark.llm.two_tower import calrec_collate, calrec_terms
+from baselines.calrec import CALRecParams, parse_specs, sample_generations
 from benchmark.config import resolve_params
 from benchmark.data.synthetic import tiny_split
 from benchmark.errors import ConfigError
@@ -24,6 +19,7 @@ from benchmark.llm.contrastive import info_nce, span_mean, text_groups
 from benchmark.llm.pooling import embed_batches
 from benchmark.llm.loading import tiny_llm
 from benchmark.llm.training import example_loss
+from benchmark.llm.two_tower import calrec_collate, calrec_terms
 from benchmark.registry import RunContext, get_method
 from benchmark.types import PAD, CandidateSet, Catalog, EvalSet, TrainData
 from ranking_checks import check_rows, request_for
