@@ -110,12 +110,13 @@ def build(series: dict, meta: dict, baselines: list[str], permutations: int, see
 
 def extrapolate(method: str, labels: list[str], X: np.ndarray, meta: dict, target: str, seed: int,
                 n_boot: int = 2000) -> dict | None:
-    """Training tokens at which a line through the trained points, NDCG@10 against log10(tokens),
-    reaches `target`'s mean; its 95% interval from resampling users (every point and the target
-    resampled together, so their pairing is kept). Needs two trained points; an assumption, not a fit
-    of how learning really goes beyond the last point."""
+    """Training tokens at which a line through the trained example-count points (`nN`, N > 0),
+    NDCG@10 against log10(tokens), reaches `target`'s mean; its 95% interval from resampling users
+    (every point and the target resampled together, so their pairing is kept). A `lastN` point changes
+    which examples train, not only how many, so it stays off the line. Needs two trained points; an
+    assumption, not a fit of how learning really goes beyond the last point."""
     pts = [(i, float(meta.get(k, {}).get("train_tokens") or 0)) for i, k in enumerate(labels)
-           if k.startswith(method + "_") and POINT.match(k)]
+           if (m := POINT.match(k)) and m["method"] == method and m["point"].startswith("n")]
     pts = [(i, t) for i, t in pts if t > 0]
     if len(pts) < 2 or target not in labels:
         return None
@@ -153,6 +154,8 @@ def render_markdown(report: dict, dataset: str) -> str:
         "one epoch) with one more departure, its number of training examples (`nN`) or each user's latest",
         "training item for three epochs (`last3`); the commands are in `bench/learning_curve.sh`, and the",
         "point of the budget itself (`n2048`) is the leaderboard's `sft`/`cft` row (`bench/republish.sh`).",
+        "Train tokens: real tokens through the model's forward and backward passes in training; CFT's include",
+        "its counterfactual copy of each example (the same example with the history removed), about a third more than SFT's.",
         "Validity: share of generated titles that name a real catalog item; Cov@10: share of the catalog in some top-10.",
         "Valid loss: SFT's token cross-entropy on the validation users' answers; CFT's is the reference's",
         "token-weighted cross-entropy (weights falling from 1 to beta along the answer), so they do not compare across methods.",
@@ -219,6 +222,11 @@ def render_png(report: dict, dataset: str) -> bytes:
         ax.axhspan(r["ci"][0], r["ci"][1], color="#999999", alpha=0.15)
         ax.axhline(r["mean"], color="#444444", linestyle=style, label=f"{r['label']} (95% CI band)")
     ax.set_xscale("log")
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+    # 1-2-5 ticks with plain numbers: matplotlib's labelled minor ticks overlap on a short log range
+    ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:,.0f}"))
+    ax.xaxis.set_minor_formatter(NullFormatter())
     ax.set_xlabel(f"training tokens (log; zero-shot drawn at {zero_at:,.0f})")
     ax.set_ylabel(f"NDCG@10, {report['n_users']:,} users, 95% CI")
     ax.set_title(f"{dataset}: CPU learning curve")
