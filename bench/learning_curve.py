@@ -200,6 +200,7 @@ def render_markdown(report: dict, dataset: str) -> str:
 def render_png(report: dict, dataset: str) -> bytes:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
     fig = Figure(figsize=(7.5, 4.5), dpi=100)
     FigureCanvasAgg(fig)
@@ -222,7 +223,6 @@ def render_png(report: dict, dataset: str) -> bytes:
         ax.axhspan(r["ci"][0], r["ci"][1], color="#999999", alpha=0.15)
         ax.axhline(r["mean"], color="#444444", linestyle=style, label=f"{r['label']} (95% CI band)")
     ax.set_xscale("log")
-    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
     # 1-2-5 ticks with plain numbers: matplotlib's labelled minor ticks overlap on a short log range
     ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
     ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:,.0f}"))
