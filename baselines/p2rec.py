@@ -74,18 +74,16 @@ downstream model's notes.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import gc
 import hashlib
 import math
 import time
 from dataclasses import dataclass
-from typing import Any, ClassVar, Sequence
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from baselines.sft import history_texts
@@ -94,15 +92,29 @@ from benchmark.errors import ConfigError
 from benchmark.hparams import hp
 from benchmark.llm.fields import BUNDLED_LLM, LLMFields, TrainFields
 from benchmark.llm.kmeans import kmeans
-from benchmark.llm.kv_cache import cache_kwargs, output_cache
 from benchmark.llm.loading import LLM, resolve_device
 from benchmark.llm.precision import PRECISIONS, autocast, cpu_threads
-from benchmark.llm.pooling import POOLINGS, batch_ids, cached_item_embeddings, embed_batches, pool, pooled_hidden
+from benchmark.llm.pooling import POOLINGS, cached_item_embeddings, embed_batches
+from benchmark.llm.preference import (  # noqa: F401  (tests reach the pieces through this module)
+    PROJECTIONS,
+    Example,
+    collate_examples,
+    distribution_loss,
+    embed_shared_prefix,
+    head_input,
+    head_predictions,
+    leaderboard_note,
+    predicted_distribution,
+    preference_targets,
+    project_embeddings,
+    xavier_std,
+    _examples_hash,
+    _weights_hash,
+)
 from benchmark.llm.prompts import ITEM_TEXT_STYLES, PromptTemplate, catalog_texts, prompt_ids_batch
 from benchmark.llm.training import (
     TrainConfig,
     TrainResult,
-    decoder_body,
     merge_for_inference,
     prepare_model,
     train,
@@ -130,13 +142,11 @@ TEMPLATES = {
     ),
 }
 LOSSES = ("mse", "kl")
-PROJECTIONS = ("pca", "random", "head")
 INITS = ("replace", "add")
 ITEM_REPRS = ("text", "id")
 TARGET_ITEMS = ("all", "shown")
 HEAD_NORMS = ("l2", "none")
 
-Example = tuple[np.ndarray, np.ndarray]  # (prompt token ids int32, target distribution float32 [K])
 
 
 NOTES = "baselines/sources/p2rec.md"
@@ -200,204 +210,6 @@ CPU_BUDGET = Budget(
            "history items keep the LLM stage within minutes beside SASRec",
     changes={"max_users": 256, "epochs": 1, "history_len": 20, "valid_users": 32},
 )
-
-
-# -- pieces (module-level so tests can check them on their own) -----------------------------------
-
-
-def preference_targets(
-    sequences: Sequence[np.ndarray], labels: np.ndarray, k: int, last: int | None = None
-) -> np.ndarray:
-    """g_u per sequence: [n, k] float32, the share of the (last `last`) items in each category."""
-    out = np.zeros((len(sequences), k), dtype=np.float32)
-    for row, seq in enumerate(sequences):
-        seq = np.asarray(seq, dtype=np.int64)
-        if last is not None:
-            seq = seq[-last:]
-        if len(seq):
-            out[row] = np.bincount(labels[seq], minlength=k) / len(seq)
-    return out
-
-
-def common_prefix_len(ids: Sequence[Sequence[int]]) -> int:
-    """Length of the longest token prefix every sequence shares."""
-    if not ids:
-        return 0
-    first = list(ids[0])
-    n = len(first)
-    for seq in ids[1:]:
-        m = min(n, len(seq))
-        i = 0
-        while i < m and seq[i] == first[i]:
-            i += 1
-        n = i
-        if n == 0:
-            break
-    return n
-
-
-@torch.inference_mode()
-def embed_shared_prefix(
-    model: Any,
-    ids: Sequence[Sequence[int]],
-    *,
-    pad_id: int,
-    pooling: str = "mean",
-    batch_size: int = 64,
-    progress: bool = False,
-    desc: str = "p2rec items",
-) -> tuple[torch.Tensor, int]:
-    """Pooled last hidden states [n, d] (float32, CPU) of many prompts that share a prefix.
-
-    The shared prefix runs once; its key/value cache is repeated for each batch of suffixes
-    (right-padded, positions continuing after the prefix). Mean pooling adds the prefix's
-    states to each row's suffix states, so the result equals `pooled_hidden` of the full
-    prompts. Returns (embeddings, prefix length); falls back to full prompts when the shared
-    prefix is shorter than 2 tokens.
-    """
-    from tqdm.auto import tqdm
-
-    n = len(ids)
-    prefix_len = min(common_prefix_len(ids), min((len(s) for s in ids), default=1) - 1)
-    if prefix_len < 2:
-        return embed_batches(model, ids, pad_id=pad_id, pooling=pooling, batch_size=batch_size,
-                             progress=progress, desc=desc), 0
-    import copy
-
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    body = decoder_body(model)
-    prefix = torch.as_tensor([list(ids[0][:prefix_len])], dtype=torch.long, device=device)
-    with contextlib.nullcontext():  # the caller's precision context applies
-        out = body(input_ids=prefix, attention_mask=torch.ones_like(prefix), use_cache=True)
-    cache = output_cache(out)
-    prefix_sum = out.last_hidden_state[0].float().sum(0)  # [d]
-    order = sorted(range(n), key=lambda i: -len(ids[i]))
-    result: torch.Tensor | None = None
-    for start in tqdm(range(0, n, batch_size), desc=desc, disable=not progress, dynamic_ncols=True):
-        rows = order[start : start + batch_size]
-        batch = batch_ids([list(ids[i][prefix_len:]) for i in rows], pad_id, device)
-        mask = batch["attention_mask"]
-        full_mask = torch.cat([torch.ones((len(rows), prefix_len), dtype=mask.dtype, device=device), mask], 1)
-        positions = prefix_len + (mask.cumsum(1) - 1).clamp(min=0)
-        past = copy.deepcopy(cache)
-        past.batch_repeat_interleave(len(rows))
-        with contextlib.nullcontext():
-            o = body(input_ids=batch["input_ids"], attention_mask=full_mask, position_ids=positions,
-                     use_cache=True, **cache_kwargs(body, past))
-        hidden = o.last_hidden_state.float()
-        if pooling == "mean":
-            m = mask.to(hidden.dtype)
-            pooled = (prefix_sum + (hidden * m[..., None]).sum(1)) / (prefix_len + m.sum(1, keepdim=True))
-        else:
-            pooled = pool(hidden, mask, "last")
-        if result is None:
-            result = torch.zeros((n, pooled.shape[1]), dtype=torch.float32)
-        result[torch.as_tensor(rows)] = pooled.cpu()
-    model.train(was_training)
-    return result if result is not None else torch.zeros((0, 0)), prefix_len
-
-
-def xavier_std(n_items: int, width: int) -> float:
-    """Std of torch's xavier_normal_ on an [n_items + 1, width] embedding table (SASRec's init)."""
-    return math.sqrt(2.0 / (n_items + 1 + width))
-
-
-def project_embeddings(
-    emb: np.ndarray | torch.Tensor,
-    width: int,
-    *,
-    method: str = "pca",
-    seed: int = 0,
-    target_std: float,
-    head_weight: np.ndarray | None = None,
-    head_bias: np.ndarray | None = None,
-) -> np.ndarray:
-    """[n, d] LLM embeddings -> [n, width] float32, centred and scaled to `target_std`."""
-    x = torch.as_tensor(np.asarray(emb), dtype=torch.float64)
-    n, d = x.shape
-    rng = np.random.default_rng([seed, 2406])
-    if method == "head":
-        if head_weight is None:
-            raise ConfigError("projection='head' needs the trained preference head")
-        w = torch.as_tensor(head_weight, dtype=torch.float64)
-        x = x @ w.T + (0.0 if head_bias is None else torch.as_tensor(head_bias, dtype=torch.float64))
-        d = x.shape[1]
-    x = x - x.mean(0, keepdim=True)
-    if method == "pca":
-        cov = x.T @ x / max(n - 1, 1)
-        _, _, vh = torch.linalg.svd(cov)
-        comps = vh[: min(width, d)]
-        # fix each component's sign: its largest-magnitude loading is positive
-        signs = torch.sign(comps.gather(1, comps.abs().argmax(1, keepdim=True)))
-        comps = comps * torch.where(signs == 0, torch.ones_like(signs), signs)
-        z = x @ comps.T
-        if z.shape[1] < width:
-            z = torch.cat([z, torch.zeros((n, width - z.shape[1]), dtype=z.dtype)], 1)
-    elif method == "head" and d == width:
-        z = x
-    elif method in ("random", "head"):
-        r = torch.as_tensor(rng.normal(size=(d, width)) / math.sqrt(width), dtype=torch.float64)
-        z = x @ r
-    else:
-        raise ConfigError(f"unknown projection {method!r}; use one of {', '.join(PROJECTIONS)}")
-    std = float(z.std(correction=0)) if z.numel() > 1 else 0.0
-    if std > 0:
-        z = z * (target_std / std)
-    return z.numpy().astype(np.float32)
-
-
-def _weights_hash(state: dict[str, torch.Tensor]) -> str:
-    digest = hashlib.sha256()
-    for name in sorted(state):
-        t = state[name].detach().cpu().contiguous().reshape(-1)
-        digest.update(name.encode())
-        digest.update(str(t.dtype).encode())
-        digest.update(t.view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()[:16]
-
-
-def _examples_hash(examples: Sequence[Example]) -> str:
-    digest = hashlib.sha256()
-    for ids, target in examples:
-        digest.update(np.asarray(ids, dtype=np.int32).tobytes())
-        digest.update(np.asarray(target, dtype=np.float32).tobytes())
-    return digest.hexdigest()[:16]
-
-
-def collate_examples(
-    examples: Sequence[Example], pad_id: int, device: torch.device | str = "cpu"
-) -> dict[str, torch.Tensor]:
-    """Right-padded prompts plus the stacked target distributions."""
-    batch = batch_ids([list(ids) for ids, _ in examples], pad_id, device)
-    batch["targets"] = torch.as_tensor(np.stack([t for _, t in examples]), dtype=torch.float32, device=device)
-    return batch
-
-
-def head_input(pooled: torch.Tensor, norm: str) -> torch.Tensor:
-    """What the linear head reads: the pooled state, unit-normalised with norm="l2"."""
-    return F.normalize(pooled.float(), dim=-1) if norm == "l2" else pooled
-
-
-def head_predictions(
-    model: Any, head: nn.Module, batch: dict[str, torch.Tensor], pooling: str, norm: str = "l2"
-) -> torch.Tensor:
-    """The head's raw output [b, K] (float32) for a batch of prompts."""
-    pooled = pooled_hidden(model, batch["input_ids"], batch["attention_mask"], pooling)
-    return head(head_input(pooled, norm).to(head.weight.dtype)).float()
-
-
-def distribution_loss(z: torch.Tensor, targets: torch.Tensor, loss: str) -> torch.Tensor:
-    """Per-example loss [b]: squared error summed over K (mse), or KL(g || softmax z) (kl)."""
-    if loss == "mse":
-        return ((z - targets) ** 2).sum(1)
-    logp = F.log_softmax(z, dim=1)
-    return (torch.special.xlogy(targets, targets) - targets * logp).sum(1)
-
-
-def predicted_distribution(z: torch.Tensor, loss: str) -> torch.Tensor:
-    return z if loss == "mse" else F.softmax(z, dim=1)
 
 
 # -- the method ------------------------------------------------------------------------------------
@@ -614,7 +426,10 @@ class P2Rec(Method):
             "history_len": history_len,
             "epochs": int(p.epochs),
             "train_tokens_per_epoch": int(sum(len(ids) for ids, _ in examples)),
-            "tokens_processed": int(result.tokens),
+            # across every attempt that built the checkpoint (a resumed or only-loaded stage trains
+            # few or no tokens in this process); None: an older checkpoint did not record them
+            "tokens_processed": int(result.total_tokens) if result.total_tokens or not result.resumed_from else None,
+            "tokens_this_process": int(result.tokens),
             "steps": result.steps,
             "best_step": result.best_step,
             "best_score": result.best_score,
@@ -655,7 +470,8 @@ class P2Rec(Method):
             "embedding_prompt_tokens": int(sum(len(x) for x in item_prompts)),
             "shared_prefix_tokens": int(prefix_len["n"]),
             "embedding_cache": str(cache_path),
-            "llm_stage_seconds": round(notes["llm_load_seconds"] + result.seconds
+            # every attempt's training (result.total_seconds), not only this process's
+            "llm_stage_seconds": round(notes["llm_load_seconds"] + result.total_seconds
                                        + (time.perf_counter() - t0), 2),
         })
         self.llm = None  # serving uses the downstream model only: free the LLM before training it
@@ -706,9 +522,6 @@ class P2Rec(Method):
                             "projection": self.params.projection, "init": self.params.init})
         cost = self.ctx.notes.get("p2rec") or {}
         if cost:
-            ranked.info["leaderboard_note"] = (
-                f"serves a {self.params.downstream} initialised from LLM item embeddings ({self.params.projection}, "
-                f"{self.params.init}); LLM stage: {cost.get('train_examples')} user-level examples (instance-level SFT "
-                f"would use {cost.get('instance_level_examples')}), {cost.get('tokens_processed')} tokens, "
-                f"{cost.get('llm_stage_seconds')} s incl. {cost.get('embedding_seconds')} s of item embedding")
+            ranked.info["leaderboard_note"] = leaderboard_note(cost, self.params)
         return ranked
+

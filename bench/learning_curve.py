@@ -2,12 +2,16 @@
 MostPop and SASRec on the same users, with paired tests.
 
     bash bench/learning_curve.sh all          # the points (runs into ./runs)
-    python bench/learning_curve.py            # leaderboards/ml-100k-learning-curve.{md,json,png}
+    python bench/learning_curve.py            # leaderboards/ml-100k-learning-curve.{md,json,png} and
+                                              # its evidence, leaderboards/ml-100k-learning-curve/
 
-Each point is a finished unit of the run store labelled `<method>_<point>` (`sft_n1024`,
-`cft_last3`, ...; bench/learning_curve.sh lists the commands), or a plain `sft`/`cft` unit (the
-leaderboard row, the `cpu` budget itself) as the point of its example count, on ML-100K, leave-one-out,
-full ranking, all test users. For every point: the mean NDCG@10 with its 95% bootstrap CI,
+Each point is a finished unit labelled `<method>_<point>` (`sft_n1024`, `cft_last3`, ...;
+bench/learning_curve.sh lists the commands), or a plain `sft`/`cft` unit (the leaderboard row, the
+`cpu` budget itself) as the point of its example count, on ML-100K, leave-one-out, full ranking, all
+test users. Units come from the run store, else from the curve's committed evidence
+(leaderboards/<dataset>-learning-curve/, rewritten with every unit the report uses, so a point
+outlives the run store that made it), else from the leaderboard's evidence. A point an earlier report
+published without evidence is carried forward as it was, marked, outside this report's tests. For every point: the mean NDCG@10 with its 95% bootstrap CI,
 the training tokens and seconds, its validation loss, the difference to MostPop (`pop`) and to
 SASRec (`sasrec`, seed 0) with paired two-sided randomization tests (10,000 sign flips,
 Holm-corrected across the whole family of points x baselines), and the minimum detectable
@@ -28,6 +32,14 @@ import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmark.evidence import (  # noqa: E402
+    Unit,
+    evidence_index,
+    local_unit,
+    read_evidence,
+    unit_candidate_fingerprint,
+    write_evidence,
+)
 from benchmark.publish import collect_units  # noqa: E402
 from benchmark.scoring.power import min_detectable_effect  # noqa: E402
 from benchmark.scoring.stats import align, bootstrap_cis, holm, randomization_tests  # noqa: E402
@@ -38,12 +50,30 @@ METRIC = "ndcg@10"
 BUDGET_ROWS = ("sft", "cft")  # a plain `sft`/`cft` unit (the published row) is the point of its example count
 
 
-def load(store: RunStore, dataset: str, protocol: str, baselines: list[str]):
+def gather(store: RunStore, dataset: str, protocol: str, curve_dir: Path, board_dir: Path) -> dict[tuple[str, int], Unit]:
+    """Every finished unit by (label, seed): the run store's first, then the curve's own published
+    evidence, then the leaderboard's (its baselines and its `sft`/`cft` rows). All on one split."""
+    chosen: dict[tuple[str, int], Unit] = {}
     files, _ = collect_units(store, dataset, protocol)
-    series, meta = {}, {}
-    for unit in files:
-        cfg = unit.config
-        label, seed = cfg["label"], int(cfg["seed"])
+    for f in files:
+        u = local_unit(store, f)
+        chosen[(u.label, u.seed)] = u
+    for folder in (curve_dir, board_dir):
+        evidence = read_evidence(folder)
+        for u in evidence.units if evidence is not None else []:
+            chosen.setdefault((u.label, u.seed), u)
+    splits = {u.config["split_fingerprint"] for u in chosen.values()}
+    if len(splits) > 1:
+        raise SystemExit(
+            f"error: the run store and the published evidence ({curve_dir}/, {board_dir}/) hold units of {len(splits)} "
+            f"splits ({', '.join(sorted(splits))}); a curve compares one split: rerun its points on the published split")
+    return chosen
+
+
+def load(units: dict[tuple[str, int], Unit], baselines: list[str]):
+    series, meta, used = {}, {}, {}
+    for (unit_label, seed), unit in sorted(units.items()):
+        label = unit_label
         if seed == 0 and label in BUDGET_ROWS:  # the leaderboard's own row is the budget's point
             examples = (unit.metrics.get("info") or {}).get("train_examples")
             if examples is not None:
@@ -52,10 +82,12 @@ def load(store: RunStore, dataset: str, protocol: str, baselines: list[str]):
             continue
         frame = unit.per_user()
         series[label] = pd.Series(frame[METRIC].to_numpy(float), index=frame["user"].astype(str).to_numpy())
+        used[label] = unit
         metrics = unit.metrics
         notes = (metrics.get("info") or {}).get(label.split("_")[0]) or next(
             (v for v in (metrics.get("info") or {}).values() if isinstance(v, dict) and "train_examples" in v), {})
         meta[label] = {
+            "unit": {"label": unit_label, "seed": seed},  # where its per-user values are in the evidence
             "train_examples": notes.get("train_examples"),
             "train_tokens": notes.get("train_tokens") or 0,
             "train_seconds": metrics.get("train_time_s"),
@@ -65,7 +97,42 @@ def load(store: RunStore, dataset: str, protocol: str, baselines: list[str]):
             "coverage@10": metrics.get("coverage@10"),
             "recipe": (metrics.get("info") or {}).get("recipe_note"),
         }
-    return series, meta
+    return series, meta, used
+
+
+CARRIED = ("as first published, before the curve kept its per-user evidence (its run store did not outlive "
+           "the session that made it)")
+
+
+def carry_forward(report: dict, previous: dict | None) -> dict:
+    """Keep what an earlier report published and this one cannot recompute, marked `carried`: points
+    whose per-user values are not in the evidence, their CFT − SFT comparisons and extrapolations. A
+    point rerun with evidence replaces its carried row."""
+    if not previous:
+        return report
+    have = {r["label"] for r in report["rows"]}
+    rows = [{**r, "carried": r.get("carried") or CARRIED} for r in previous.get("rows", [])
+            if r["label"] not in have and r["label"] not in report["baselines"]]
+    pairs = {(c["cft"], c["sft"]) for c in report["cft_vs_sft"]}
+    cvs = [{**c, "carried": c.get("carried") or CARRIED} for c in previous.get("cft_vs_sft", [])
+           if (c["cft"], c["sft"]) not in pairs and not (c["cft"] in have and c["sft"] in have)]
+    methods = {e["method"] for e in report["extrapolation"]}
+    ext = [{**e, "carried": e.get("carried") or CARRIED} for e in previous.get("extrapolation", [])
+           if e["method"] not in methods]
+    points = sorted([r for r in report["rows"] if POINT.match(r["label"])] + rows, key=lambda r: point_order(r["label"]))
+    return {**report, "rows": points + [r for r in report["rows"] if r["label"] in report["baselines"]],
+            "cft_vs_sft": report["cft_vs_sft"] + cvs, "extrapolation": report["extrapolation"] + ext}
+
+
+def publish_evidence(folder: Path, used: dict[str, Unit], report: dict, dataset: str, protocol: str,
+                     cache_dir: Path) -> None:
+    """The curve's evidence folder: every unit a row of the report stands on, as a leaderboard keeps it
+    (`python -m benchmark verify` recomputes each row's mean from it)."""
+    units = sorted({id(u): u for u in used.values()}.values(), key=lambda u: (u.label, u.seed))
+    users = sorted(set().union(*(set(u.per_user()["user"]) for u in units)))
+    index = evidence_index(units, dataset=dataset, protocol=protocol,
+                           candidate_fp=unit_candidate_fingerprint(units[0], cache_dir), users=users)
+    write_evidence(folder, units, index, read_evidence(folder))
 
 
 def point_order(label: str) -> tuple:
@@ -160,14 +227,14 @@ def render_markdown(report: dict, dataset: str) -> str:
         "Valid loss: SFT's token cross-entropy on the validation users' answers; CFT's is the reference's",
         "token-weighted cross-entropy (weights falling from 1 to beta along the answer), so they do not compare across methods.",
         f"p: paired two-sided randomization test ({report['permutations']:,} sign flips); p_Holm: Holm across all",
-        f"points x baselines; MDE: the smallest difference detectable with 80% power at alpha 0.05.",
+        "points x baselines; MDE: the smallest difference detectable with 80% power at alpha 0.05.",
         "",
         "| point | examples | train tokens | train s | valid loss | validity | Cov@10 | NDCG@10 [95% CI] | "
         + " | ".join(f"Δ vs {x} (p_Holm; MDE)" for x in b) + " |",
         "|---|---|---|---|---|---|---|---|" + "---|" * len(b),
     ]
     for r in report["rows"]:
-        if r["label"] in b:
+        if r["label"] in b or r.get("carried"):
             continue
         cells = [r["label"], str(r.get("train_examples") or 0), f"{int(r.get('train_tokens') or 0):,}",
                  "—" if r.get("train_seconds") is None else f"{r['train_seconds']:.0f}",
@@ -181,14 +248,30 @@ def render_markdown(report: dict, dataset: str) -> str:
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "Baselines (seed 0): " + "; ".join(
         f"{r['label']} {r['mean']:.4f} [{r['ci'][0]:.4f}, {r['ci'][1]:.4f}]" for r in report["rows"] if r["label"] in b)]
+    carried = [r for r in report["rows"] if r.get("carried")]
+    if carried:
+        lines += ["", "Points without per-user evidence (†): " + carried[0]["carried"] + ". They are shown as first "
+                  "published, with that report's tests (its Holm family), and take no part in this report's tests, "
+                  "CFT − SFT or extrapolation; `bash bench/learning_curve.sh` reruns them, and the rerun point then "
+                  "replaces its row here.", "",
+                  "| point † | examples | train tokens | train s | validity | NDCG@10 [95% CI] | "
+                  + " | ".join(f"Δ vs {x} (p_Holm then)" for x in b) + " |",
+                  "|---|---|---|---|---|---|" + "---|" * len(b)]
+        for r in carried:
+            cells = [r["label"], str(r.get("train_examples") or 0), f"{int(r.get('train_tokens') or 0):,}",
+                     "—" if r.get("train_seconds") is None else f"{r['train_seconds']:.0f}",
+                     "—" if r.get("validity") is None else f"{r['validity']:.3f}",
+                     f"{r['mean']:.4f} [{r['ci'][0]:.4f}, {r['ci'][1]:.4f}]"]
+            cells += [f"{r[f'vs_{x}']['diff']:+.4f} ({r[f'vs_{x}']['p_holm']:.4f})" if f"vs_{x}" in r else "—" for x in b]
+            lines.append("| " + " | ".join(cells) + " |")
     if report["cft_vs_sft"]:
-        lines += ["", "CFT − SFT at the same budget (uncorrected p; MDE at 80% power):", ""]
-        lines += [f"- {c['cft']} − {c['sft']}: {c['diff']:+.4f} (p {c['p']:.4f}; MDE {c['mde']:.4f})"
-                  for c in report["cft_vs_sft"]]
+        lines += ["", "CFT − SFT at the same budget (uncorrected p; MDE at 80% power; † as first published):", ""]
+        lines += [f"- {c['cft']} − {c['sft']}{' †' if c.get('carried') else ''}: {c['diff']:+.4f} "
+                  f"(p {c['p']:.4f}; MDE {c['mde']:.4f})" for c in report["cft_vs_sft"]]
     for e in report.get("extrapolation", []):
         def fmt(t: float | None) -> str:
             return "never (slope <= 0)" if t is None else f"{t:,.0f}" if t < 1e9 else f"{t:.1e}"
-        lines += ["", f"Extrapolation ({e['method'].upper()}, a line through {', '.join(e['points'])}: NDCG@10 against "
+        lines += ["", f"Extrapolation{' † (as first published)' if e.get('carried') else ''} ({e['method'].upper()}, a line through {', '.join(e['points'])}: NDCG@10 against "
                   f"log10(training tokens)): it reaches {e['target']}'s mean at {fmt(e['tokens'])} training tokens, 95% "
                   f"interval {fmt(e['ci'][0])} to {fmt(e['ci'][1])} ({e['n_boot']:,} user resamples; "
                   f"{e['share_never']:.1%} of them never reach it). A straight line in log tokens through "
@@ -217,8 +300,13 @@ def render_png(report: dict, dataset: str) -> bytes:
         lo = y - np.array([r["ci"][0] for r in mine])
         hi = np.array([r["ci"][1] for r in mine]) - y
         ax.errorbar(x, y, yerr=[lo, hi], fmt="o-", color=color, capsize=3, label=method.upper())
+        hollow = [i for i, r in enumerate(mine) if r.get("carried")]
+        if hollow:  # points without per-user evidence: drawn open
+            ax.plot(x[hollow], y[hollow], "o", color=color, markerfacecolor="white", zorder=3)
         for xi, yi, r in zip(x, y, mine):
             ax.annotate(r["label"].split("_", 1)[1], (xi, yi), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    if any(r.get("carried") for r in rows):
+        ax.plot([], [], "o", color="#444444", markerfacecolor="white", label="† as first published (no evidence)")
     for r, style in zip([r for r in report["rows"] if r["label"] in report["baselines"]], ("--", ":")):
         ax.axhspan(r["ci"][0], r["ci"][1], color="#999999", alpha=0.15)
         ax.axhline(r["mean"], color="#444444", linestyle=style, label=f"{r['label']} (95% CI band)")
@@ -248,9 +336,13 @@ def main() -> None:
     ap.add_argument("--out", default="leaderboards")
     args = ap.parse_args()
     baselines = [b.strip() for b in args.baselines.split(",") if b.strip()]
-    series, meta = load(RunStore(args.runs_dir), args.dataset, args.protocol, baselines)
-    report = build(series, meta, baselines, args.permutations)
+    store = RunStore(args.runs_dir)
     stem = Path(args.out) / f"{args.dataset}-learning-curve"
+    units = gather(store, args.dataset, args.protocol, stem, Path(args.out) / f"{args.dataset}-{args.protocol}")
+    series, meta, used = load(units, baselines)
+    previous = json.loads(stem.with_suffix(".json").read_text()) if stem.with_suffix(".json").is_file() else None
+    report = carry_forward(build(series, meta, baselines, args.permutations), previous)
+    publish_evidence(stem, used, report, args.dataset, args.protocol, store.cache_dir)
     atomic_write_bytes(stem.with_suffix(".md"), render_markdown(report, args.dataset).encode())
     atomic_write_bytes(stem.with_suffix(".json"), (json.dumps(report, indent=1) + "\n").encode())
     atomic_write_bytes(stem.with_suffix(".png"), render_png(report, args.dataset))

@@ -172,6 +172,10 @@ class Evidence:
     folder: Path
     index: dict
     units: list[Unit]
+    # runs whose run.json is not in the folder: published before the repository's .gitignore was anchored
+    # (a bare `runs/` kept every leaderboards/<board>/runs/ out of git). Their units read as run {}: the
+    # checks fall back on each unit's config.json and metrics.json, which hold what they need.
+    runs_without_manifest: list[str] = field(default_factory=list)
 
 
 def read_evidence(folder: Path) -> Evidence | None:
@@ -186,17 +190,20 @@ def read_evidence(folder: Path) -> Evidence | None:
         raise StoreError(f"{path} is not valid JSON ({exc}); restore it (git checkout) or republish") from None
     if index.get("format") != FORMAT:
         raise StoreError(f"{path} has evidence format {index.get('format')!r}; this harness reads format {FORMAT}")
-    units = []
+    units, unmanifested = [], set(index.get("runs_without_manifest", []))
     for entry in index.get("units", []):
         unit_dir = folder / entry["path"]
         run_path = folder / "runs" / f"{_safe(entry['run_id'])}.json"
         try:
             config, metrics = (json.loads((unit_dir / name).read_text()) for name in JSON)
-            run = json.loads(run_path.read_text())
+            if entry["run_id"] in unmanifested and not run_path.is_file():
+                run = {}  # the index says so: never published (see Evidence.runs_without_manifest)
+            else:
+                run = json.loads(run_path.read_text())
         except (OSError, json.JSONDecodeError) as exc:
             raise StoreError(f"{folder}: unit {entry['path']} cannot be read ({exc}); restore it (git checkout)") from None
         units.append(Unit(unit_dir, config, metrics, run, published=True))
-    return Evidence(folder, index, units)
+    return Evidence(folder, index, units, sorted(unmanifested))
 
 
 # ----------------------------------------------------------------------------- writing
@@ -204,6 +211,7 @@ def read_evidence(folder: Path) -> Evidence | None:
 
 def evidence_index(units: list[Unit], *, dataset: str, protocol: str, candidate_fp: str, users: list[str]) -> dict:
     first = units[0].config
+    missing = sorted({u.run_id for u in units if not u.run})
     return {
         "format": FORMAT,
         "dataset": dataset,
@@ -224,6 +232,7 @@ def evidence_index(units: list[Unit], *, dataset: str, protocol: str, candidate_
             }
             for u in sorted(units, key=lambda u: (u.label, u.seed))
         ],
+        **({"runs_without_manifest": missing} if missing else {}),
     }
 
 
@@ -256,8 +265,9 @@ def write_evidence(folder: Path, units: list[Unit], index: dict, previous: Evide
             target.mkdir(parents=True)
             for name, data in _unit_files(unit, twin).items():
                 (target / name).write_bytes(data)
-            runs.setdefault(unit.run_id, _json_bytes((twin or unit).run))
-        (tmp / "runs").mkdir()
+            if (twin or unit).run:  # a run whose manifest was never published stays without one
+                runs.setdefault(unit.run_id, _json_bytes((twin or unit).run))
+        (tmp / "runs").mkdir(exist_ok=True)
         for run_id, data in sorted(runs.items()):
             (tmp / "runs" / f"{_safe(run_id)}.json").write_bytes(data)
         (tmp / INDEX).write_bytes(_json_bytes(index))

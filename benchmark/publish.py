@@ -67,9 +67,12 @@ def collect_units(store: RunStore, dataset: str, protocol: str) -> tuple[list[Un
 
 
 def header_for(units: list[Unit], dataset: str, protocol: str, candidate_fp: str, stem: str) -> dict:
-    metas = {u.run_id: u.run for u in units}
-    run_ids = sorted(metas)
-    newest = metas[run_ids[-1]]
+    run_ids = sorted({u.run_id for u in units})
+    metas = {u.run_id: u.run for u in units if u.run}  # runs published without a manifest have none
+    first = units[0].config
+    newest = metas[max(metas)] if metas else {  # what every unit's config.json and metrics.json state
+        "split": first.get("split"), "split_fingerprint": first.get("split_fingerprint"),
+        "candidates": first.get("candidates"), "n_test_users": units[0].metrics.get("n_users")}
     manifest = newest.get("manifest", {})
     stats = newest.get("split_stats", {})
     seeds = sorted({u.seed for u in units})
@@ -82,7 +85,7 @@ def header_for(units: list[Unit], dataset: str, protocol: str, candidate_fp: str
         "protocol": protocol,
         "test users": newest.get("n_test_users"),
         "seeds": ",".join(str(s) for s in seeds),
-        "date": max(m.get("created", "") for m in metas.values()),
+        "date": max((m.get("created", "") for m in metas.values()), default="") or "—",
         "package version": manifest.get("versions", {}).get("benchmark"),
         "git commit": manifest.get("git_commit"),
         "device": manifest.get("device_name"),

@@ -104,6 +104,8 @@ def check_leaderboard_json(evidence: Evidence, frames: list[tuple[Unit, pd.DataF
     if not path.is_file():
         return 0
     board = json.loads(path.read_text())
+    if "metric" in board and all("unit" in r or r.get("carried") for r in board.get("rows", [])):
+        return check_report_json(path, board, frames)
     by_label: dict[str, list[tuple[Unit, pd.DataFrame]]] = {}
     for unit, frame in frames:
         by_label.setdefault(unit.label, []).append((unit, frame))
@@ -129,14 +131,37 @@ def check_leaderboard_json(evidence: Evidence, frames: list[tuple[Unit, pd.DataF
     return len(rows)
 
 
+def check_report_json(path: Path, board: dict, frames: list[tuple[Unit, pd.DataFrame]]) -> int:
+    """A report such as the learning curve: one unit per row (`unit`: label and seed), its `mean` of the
+    report's `metric` follows from that unit's per-user values; rows marked `carried` have no evidence."""
+    units = {(u.label, u.seed): f for u, f in frames}
+    rows = [r for r in board["rows"] if not r.get("carried")]
+    wanted = {(r["unit"]["label"], int(r["unit"]["seed"])) for r in rows}
+    if wanted != set(units):
+        raise IntegrityError(f"{path}: rows stand on units {sorted(wanted)} but the evidence holds {sorted(units)}; "
+                             "regenerate the report")
+    metric = board["metric"]
+    for r in rows:
+        frame = units[(r["unit"]["label"], int(r["unit"]["seed"]))]
+        if metric not in frame:
+            raise IntegrityError(f"{path}: row {r['label']!r} shows {metric} but its per-user file lacks that column")
+        mean = float(frame[metric].mean())
+        if not math.isclose(mean, r["mean"], rel_tol=MEAN_RTOL, abs_tol=1e-12):
+            raise IntegrityError(f"{path}: row {r['label']!r} shows {metric} mean {r['mean']!r} but its per-user "
+                                 f"values give {mean!r}")
+    return len(rows)
+
+
 def check_split(evidence: Evidence, frames: list[tuple[Unit, pd.DataFrame]], cache_dir: Path, data_dir) -> str:
     """Split the dataset again: same fingerprint, same test users (or subsample) and targets."""
     from benchmark.data.split import prepare_split
     from benchmark.runner import subsample_users
 
-    run = frames[0][0].run
+    # the split settings of a run with a published manifest, else the unit's config.json (k-core 5, the
+    # default: a different one would split to another fingerprint, which the check below refuses)
+    run = next((u.run for u, _ in frames if u.run), {})
     split = prepare_split(
-        evidence.index["dataset"], protocol=run.get("split", "loo"), kcore=int(run.get("split_config", {}).get("kcore", 5)),
+        evidence.index["dataset"], protocol=run.get("split") or frames[0][0].config.get("split", "loo"), kcore=int(run.get("split_config", {}).get("kcore", 5)),
         data_dir=data_dir, cache_dir=cache_dir,
     )
     if split.fingerprint != evidence.index["split_fingerprint"]:
@@ -189,6 +214,10 @@ def verify_folder(folder: Path, *, check_data: bool = False, cache_dir: Path | N
     n_rows = check_leaderboard_json(evidence, frames)
     lines.append(f"ok  {folder}: {len(evidence.units)} unit(s), {n_rows} leaderboard row(s), "
                  f"{len(users)} identical test users in every unit")
+    if evidence.runs_without_manifest:
+        lines.append(f"note {folder}: no run manifest (run.json) for run(s) {', '.join(evidence.runs_without_manifest)}: "
+                     "they were published before .gitignore was anchored and never reached git, so their versions, "
+                     "machine and timings are only what each unit's config.json and metrics.json state")
     if check_data:
         lines.append("ok  " + check_split(evidence, frames, cache_dir, data_dir))
     return lines

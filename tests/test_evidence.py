@@ -17,6 +17,7 @@ from benchmark.evidence import read_evidence
 from benchmark.merge import check_fingerprints
 
 STEM = "synthetic-loo-full"
+REPO = Path(__file__).resolve().parents[1]
 BASE = ["--dataset", "synthetic", "--quiet"]
 
 
@@ -84,7 +85,10 @@ def test_evidence_holds_every_row_compressed_with_config_metrics_manifest_and_fi
 def test_new_user_on_a_clean_clone_gets_every_committed_row_plus_theirs(published, tmp_path, capsys):
     """`run --methods <new method> --publish` on a clone holding only the committed files, as CI sees them."""
     origin = tmp_path / "origin"
-    shutil.copytree(published / "leaderboards", origin / "leaderboards")  # runs/ is never committed
+    shutil.copytree(published / "leaderboards", origin / "leaderboards")
+    # the repository's own .gitignore decides what a commit holds: a bare `runs/` there once kept every
+    # evidence folder's runs/<id>.json out of git while this test, committing without it, still passed
+    shutil.copy(REPO / ".gitignore", origin / ".gitignore")
     git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-c", "init.defaultBranch=main"]
     subprocess.run([*git, "init", "-q", str(origin)], check=True)
     subprocess.run([*git, "-C", str(origin), "add", "-A"], check=True)
@@ -92,6 +96,7 @@ def test_new_user_on_a_clean_clone_gets_every_committed_row_plus_theirs(publishe
     clone = tmp_path / "clone"
     subprocess.run(["git", "clone", "-q", str(origin), str(clone)], check=True)
     assert not (clone / "runs").exists()
+    assert snapshot(clone / "leaderboards") == snapshot(origin / "leaderboards")  # nothing published was ignored
 
     code, out, err = cli(capsys, clone / "runs", "run", "--methods", "examples.markov_plugin:Markov", *BASE,
                          "--publish", "--leaderboards", str(clone / "leaderboards"))
@@ -331,3 +336,40 @@ def test_labels_selects_the_rows_taken_from_the_run_store(tmp_path, capsys):
     assert main(["--runs-dir", str(runs), "leaderboard", "--dataset", "synthetic", "--labels", "pop,nope",
                  "--leaderboards", str(lb), "--quiet"]) == 2
     assert "nope" in capsys.readouterr().err
+
+
+def test_a_run_published_without_its_manifest_reads_only_where_the_index_declares_it(board, tmp_path, capsys):
+    """Evidence published while .gitignore kept runs/<id>.json out of git: the index lists those runs,
+    their units read with an empty manifest, verify says so, and republishing writes no empty manifest."""
+    folder = board / STEM
+    index = json.loads((folder / "evidence.json").read_text())
+    run_ids = sorted({u["run_id"] for u in index["units"]})
+    shutil.rmtree(folder / "runs")
+    code, _, err = cli(capsys, tmp_path / "runs", "verify", "--leaderboards", str(board))
+    assert code == 2 and "cannot be read" in one_error_line(err)  # undeclared: an error, not a silent {}
+
+    index["runs_without_manifest"] = run_ids
+    (folder / "evidence.json").write_text(json.dumps(index, sort_keys=True, indent=1) + "\n")
+    evidence = read_evidence(folder)
+    assert evidence.runs_without_manifest == run_ids and all(u.run == {} for u in evidence.units)
+    code, out, err = cli(capsys, tmp_path / "runs", "verify", "--leaderboards", str(board))
+    assert code == 0, err
+    assert f"no run manifest (run.json) for run(s) {', '.join(run_ids)}" in out
+
+    before = snapshot(folder)
+    code, _, err = cli(capsys, tmp_path / "runs", "leaderboard", *BASE, "--leaderboards", str(board))
+    assert code == 0, err
+    assert snapshot(folder) == before  # the declaration is kept, no empty runs/<id>.json appears
+    md = (board / f"{STEM}.md").read_text()
+    assert "**split**: loo" in md and "fingerprint " + index["split_fingerprint"] in md  # from the units' configs
+
+
+@pytest.mark.parametrize("board_dir", sorted(p.parent for p in (REPO / "leaderboards").glob("*/evidence.json")),
+                         ids=lambda p: p.name)
+def test_the_committed_evidence_verifies_as_a_clean_clone_holds_it(board_dir):
+    """Every published leaderboard's evidence, read from this checkout (CI's is a clean clone), is whole:
+    each per-user value recomputes from the rankings, means and digests agree, no file is missing."""
+    from benchmark.verify import verify_folder
+
+    lines = verify_folder(board_dir)
+    assert any(line.startswith(f"ok  {board_dir}") for line in lines), lines

@@ -4,6 +4,7 @@ checked against scipy's regression and statsmodels' Holm correction."""
 from __future__ import annotations
 
 import importlib.util
+import json
 from pathlib import Path
 
 import numpy as np
@@ -91,3 +92,61 @@ def test_the_report_renders_every_point_and_names_its_extrapolation():
     assert "| sft_n8 |" in text and "| sft_n32 |" in text
     assert "Extrapolation (SFT, a line through sft_n8, sft_n32" in text
     assert lc.render_png(report, "toy").startswith(b"\x89PNG")
+
+
+def test_a_point_without_evidence_is_carried_forward_marked_until_a_rerun_replaces_it():
+    tokens = {"sft_n8": 1_000, "sft_n32": 10_000, "cft_n8": 1_300}
+    series, meta = curve({"sft_n8": 0.010, "sft_n32": 0.020, "cft_n8": 0.011, "pop": 0.045, "sasrec": 0.1}, tokens)
+    earlier = lc.build(series, meta, ["pop", "sasrec"], permutations=200)
+    # the next report has lost sft_n8's per-user values (and so CFT − SFT at n8 and SFT's line)
+    now = {k: v for k, v in series.items() if k != "sft_n8"}
+    report = lc.carry_forward(lc.build(now, meta, ["pop", "sasrec"], permutations=200), earlier)
+    by = {r["label"]: r for r in report["rows"]}
+    assert by["sft_n8"]["carried"] and by["sft_n8"]["mean"] == pytest.approx(0.010)
+    assert not by["sft_n32"].get("carried") and not by["pop"].get("carried")
+    assert [c["cft"] for c in report["cft_vs_sft"] if c.get("carried")] == ["cft_n8"]
+    assert [e["method"] for e in report["extrapolation"] if e.get("carried")] == ["sft"]
+    text = lc.render_markdown(report, "toy")
+    main_table, carried_table = text.split("Points without per-user evidence")
+    assert "| sft_n8 |" in carried_table and "| sft_n8 |" not in main_table
+    assert "Extrapolation † (as first published) (SFT" in text and "cft_n8 − sft_n8 †" in text
+    assert lc.render_png(report, "toy").startswith(b"\x89PNG")
+    # carried twice stays carried once, unchanged; a rerun (evidence again) replaces the row
+    assert lc.carry_forward(lc.build(now, meta, ["pop", "sasrec"], permutations=200), report)["rows"] == report["rows"]
+    again = lc.carry_forward(earlier, report)
+    assert not any(r.get("carried") for r in again["rows"] + again["cft_vs_sft"] + again["extrapolation"])
+
+
+def test_the_curve_keeps_its_evidence_so_it_outlives_the_run_store_and_verifies(tmp_path, capsys, monkeypatch):
+    """End to end on the synthetic dataset (cheap stand-in methods under point labels): the report
+    writes leaderboards/<dataset>-learning-curve/ with every unit it used; with the run store deleted
+    the same report comes back from that evidence, and `verify` recomputes each row's mean from it."""
+    from benchmark.cli import main as cli_main
+
+    runs, out = tmp_path / "runs", tmp_path / "leaderboards"
+    assert cli_main(["--runs-dir", str(runs), "run", "--methods", "pop,sasrec=pop,sft_n8=random,sft_n32=pop",
+                     "--dataset", "synthetic", "--quiet"]) == 0
+    argv = ["learning_curve.py", "--runs-dir", str(runs), "--dataset", "synthetic", "--out", str(out),
+            "--permutations", "200"]
+    monkeypatch.setattr("sys.argv", argv)
+    lc.main()
+    stem = out / "synthetic-learning-curve"
+    first = {p: (stem.parent / p).read_bytes() for p in ("synthetic-learning-curve.md", "synthetic-learning-curve.json")}
+    assert sorted(p.name for p in (stem / "units").iterdir()) == ["pop", "sasrec", "sft_n32", "sft_n8"]
+    assert (stem / "runs").is_dir() and list((stem / "runs").glob("*.json"))  # the run manifest is kept
+
+    import shutil
+
+    shutil.rmtree(runs)
+    lc.main()
+    assert {p: (stem.parent / p).read_bytes() for p in first} == first
+    capsys.readouterr()
+    assert cli_main(["--runs-dir", str(runs), "verify", str(stem)]) == 0
+    assert f"ok  {stem}: 4 unit(s), 4 leaderboard row(s)" in capsys.readouterr().out
+
+    # a hand-edited mean in the report is caught
+    report = json.loads((stem.parent / "synthetic-learning-curve.json").read_text())
+    report["rows"][0]["mean"] += 0.01
+    (stem.parent / "synthetic-learning-curve.json").write_text(json.dumps(report))
+    assert cli_main(["--runs-dir", str(runs), "verify", str(stem)]) == 2
+    assert "but its per-user values give" in capsys.readouterr().err

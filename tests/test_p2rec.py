@@ -233,6 +233,9 @@ def test_second_fit_reuses_checkpoint_and_embedding_cache(model_dir, tmp_path, s
     n2 = second.ctx.notes["p2rec"]
     assert n2["embeddings_cached"] is True and n2["embedding_cache"] == n1["embedding_cache"]
     assert n2["resumed_from"] == n1["steps"]  # nothing retrained
+    # the cost is the checkpoint's, across attempts, not this process's nothing
+    assert n2["tokens_this_process"] == 0 and n2["tokens_processed"] == n1["tokens_processed"] > 0
+    assert n2["llm_stage_seconds"] >= n1["train_seconds"]
     torch.testing.assert_close(second.head.weight, first.head.weight)
     np.testing.assert_array_equal(second.llm_embeddings, first.llm_embeddings)
     np.testing.assert_array_equal(second.init_embeddings, first.init_embeddings)
@@ -303,3 +306,17 @@ def test_full_finetuning_with_validation_early_stopping(model_dir, tmp_path, spl
     assert notes["steps"] == 4 and notes["best_step"] in (2, 4)  # validated after each of the 2 epochs
     assert notes["best_score"] == pytest.approx(-notes["valid_mse"], rel=1e-4)  # best weights restored
     assert method.init_embeddings.shape == (data.n_items, SASREC_HIDDEN)
+
+
+def test_the_leaderboard_note_counts_every_attempt_and_says_when_the_llm_stage_was_resumed():
+    params = p2rec.P2RecParams()
+    cost = {"train_examples": 256, "instance_level_examples": 9000, "tokens_processed": 120000,
+            "llm_stage_seconds": 400.1, "embedding_seconds": 2.0, "resumed_from": 0, "prior_train_seconds": 0.0}
+    fresh = p2rec.leaderboard_note(cost, params)
+    assert "120000 tokens, 400.1 s incl. 2.0 s of item embedding" in fresh and "resumed" not in fresh
+    # a stage loaded from its finished step-32 checkpoint trained nothing in this process: the note
+    # must not read "0 tokens, 3.66 s" as if it were the cost
+    loaded = p2rec.leaderboard_note({**cost, "resumed_from": 32, "prior_train_seconds": 387.7}, params)
+    assert loaded.endswith("resumed from its step-32 checkpoint (387.7 s of training before the resume)")
+    unknown = p2rec.leaderboard_note({**cost, "tokens_processed": None, "resumed_from": 32}, params)
+    assert "an unrecorded number of tokens" in unknown
