@@ -85,7 +85,7 @@ class BIGRec(SFT):
     BUDGETS: ClassVar[dict[str, Budget]] = {
         "cpu": Budget(
             reason="an epoch (1,024 windows, ~211k tokens) with its validation took ~33 minutes on one thread of "
-                   "the 2-core CPU beside another job (bench/RESULTS.md); 50 epochs would take over a day; free "
+                   "the 2-core CPU beside another job (bench/RESULTS-llm.md); 50 epochs would take over a day; free "
                    "generation stops at 40 new tokens (the longest MovieLens answer is 31-35)",
             changes={"epochs": 10, "valid_users": 256, "max_new_tokens": 40},
         ),

@@ -140,7 +140,7 @@ class SFTParams(TrainFields, LLMFields):
 # The CPU budget shared by SFT and CFT (so `cft` vs `sft` still differ only in CFT's loss).
 CPU_BUDGET = Budget(
     reason="a 2-core CPU cannot train on every example (~97k on ML-100K, about 27 hours per epoch at the "
-           "~275 training tokens/s of bench/RESULTS.md) nor validate on every user each epoch; free generation "
+           "~275 training tokens/s of bench/RESULTS-llm.md) nor validate on every user each epoch; free generation "
            "stops at 40 new tokens because the longest MovieLens answer is 31-35 tokens and an untuned model runs "
            "to the limit (128 tokens: ~40 minutes more per 943 users)",
     changes={"max_train_examples": 2048, "epochs": 1, "valid_users": 256, "max_new_tokens": 40},

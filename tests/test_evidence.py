@@ -352,9 +352,10 @@ def test_a_run_published_without_its_manifest_reads_only_where_the_index_declare
     (folder / "evidence.json").write_text(json.dumps(index, sort_keys=True, indent=1) + "\n")
     evidence = read_evidence(folder)
     assert evidence.runs_without_manifest == run_ids and all(u.run == {} for u in evidence.units)
-    code, out, err = cli(capsys, tmp_path / "runs", "verify", "--leaderboards", str(board))
+    code, out, err = cli(capsys, tmp_path / "runs", "verify", "--leaderboards", str(board), "--check-split")
     assert code == 0, err
     assert f"no run manifest (run.json) for run(s) {', '.join(run_ids)}" in out
+    assert "test users and their targets match" in out  # the split settings came from the units' configs
 
     before = snapshot(folder)
     code, _, err = cli(capsys, tmp_path / "runs", "leaderboard", *BASE, "--leaderboards", str(board))
