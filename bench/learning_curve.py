@@ -96,6 +96,7 @@ def load(units: dict[tuple[str, int], Unit], baselines: list[str]):
             "validity": metrics.get("validity"),
             "coverage@10": metrics.get("coverage@10"),
             "recipe": (metrics.get("info") or {}).get("recipe_note"),
+            "gradient_checkpointing": bool((unit.config.get("params") or {}).get("gradient_checkpointing")),
         }
     return series, meta, used
 
@@ -246,6 +247,11 @@ def render_markdown(report: dict, dataset: str) -> str:
             v = r[f"vs_{x}"]
             cells.append(f"{v['diff']:+.4f} ({v['p_holm']:.4f}; {v['mde']:.4f})")
         lines.append("| " + " | ".join(cells) + " |")
+    checkpointed = [r["label"] for r in report["rows"] if r.get("gradient_checkpointing") and not r.get("carried")]
+    if checkpointed:
+        lines += ["", "Trained with gradient checkpointing (`--set <label>.gradient_checkpointing=true`, a harness setting "
+                  "that saves memory so two LLM jobs fit in 24 GB and leaves the unit key alone): "
+                  + ", ".join(checkpointed) + "."]
     lines += ["", "Baselines (seed 0): " + "; ".join(
         f"{r['label']} {r['mean']:.4f} [{r['ci'][0]:.4f}, {r['ci'][1]:.4f}]" for r in report["rows"] if r["label"] in b)]
     carried = [r for r in report["rows"] if r.get("carried")]

@@ -69,7 +69,37 @@ def device_name(device: str) -> str:
 
     if device.startswith("cuda"):
         return torch.cuda.get_device_name(torch.device(device))
-    return f"{platform.processor() or platform.machine()} ({os.cpu_count()} cores)"
+    return cpu_description()
+
+
+BF16_FLAGS = ("amx_bf16", "avx512_bf16")
+
+
+def cpu_description(cpuinfo: str | None = None) -> str:
+    """The CPU as figures must name it: model name and number, cores, and which native bf16 units it
+    has (bf16 results differ in rounding between AMX, AVX512-BF16 and emulation, and so do speeds).
+    Falls back on platform's names where /proc/cpuinfo cannot be read."""
+    if cpuinfo is None:
+        try:
+            with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as fh:
+                cpuinfo = fh.read()
+        except OSError:
+            cpuinfo = ""
+    fields: dict[str, str] = {}
+    for line in cpuinfo.splitlines():
+        key, sep, value = line.partition(":")
+        if not sep:
+            if fields:
+                break  # the first processor's block is enough
+            continue
+        fields.setdefault(key.strip(), value.strip())
+    name = fields.get("model name") or platform.processor() or platform.machine()
+    if fields.get("model"):
+        name += f", family {fields.get('cpu family', '?')} model {fields['model']}"
+    flags = set(fields.get("flags", "").split())
+    bf16 = [f for f in BF16_FLAGS if f in flags]
+    native = f"bf16: {', '.join(bf16)}" if bf16 else ("no native bf16" if flags else "flags unknown")
+    return f"{name} ({os.cpu_count()} cores; {native})"
 
 
 def _hwm_kb() -> float | None:

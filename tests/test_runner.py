@@ -343,3 +343,20 @@ def test_every_shipped_method_resolves_with_its_own_defaults():
     for name in builtin_methods():
         resolved = resolve_method(name, {})
         assert resolved.label == name
+
+
+def test_the_manifest_names_the_cpu_model_and_its_native_bf16_units():
+    """Figures must name the CPU: bf16 results and speeds differ between AMX, AVX512-BF16 and none
+    (this repository's sessions ran on an AMD EPYC with AVX512-BF16 and on an Intel Xeon with AMX)."""
+    from benchmark.manifest import cpu_description, device_name
+
+    amx = ("processor\t: 0\nvendor_id\t: GenuineIntel\ncpu family\t: 6\nmodel\t\t: 143\n"
+           "model name\t: Intel(R) Xeon(R) Platinum 8480+\nflags\t\t: fpu sse avx512f avx512_bf16 amx_bf16 amx_tile\n\n"
+           "processor\t: 1\nmodel name\t: another\n")
+    text = cpu_description(amx)
+    assert text.startswith("Intel(R) Xeon(R) Platinum 8480+, family 6 model 143 (")
+    assert text.endswith("cores; bf16: amx_bf16, avx512_bf16)")
+    avx2 = "processor\t: 0\ncpu family\t: 23\nmodel\t\t: 49\nmodel name\t: AMD EPYC 7B12\nflags\t\t: fpu avx2 fma\n"
+    assert cpu_description(avx2).endswith("cores; no native bf16)") and "AMD EPYC 7B12" in cpu_description(avx2)
+    assert cpu_description("").endswith("flags unknown)")  # unreadable: says so rather than guessing
+    assert device_name("cpu") == cpu_description()
