@@ -5,7 +5,8 @@
 # or each user's latest training item for three epochs. Runs one after another into ./runs;
 # a finished point is reused, a killed one resumes from its checkpoint.
 #   THREADS=1 bash bench/learning_curve.sh [sft|cft|all]   then   python bench/learning_curve.py
-# (THREADS=1 when another job shares the 2 cores: oversubscribed torch threads run several times slower)
+# (THREADS=1 when another job shares the 2 cores: oversubscribed torch threads run several times slower;
+#  GC=1 adds gradient checkpointing, ~5.5-8 GB instead of 10-15 GB per job, so two points fit in 24 GB)
 set -u
 cd "$(dirname "$0")/.."
 which="${1:-all}"
@@ -13,6 +14,7 @@ mkdir -p logs
 point() {  # label method [--set field=value ...]
   local label=$1 method=$2; shift 2
   local sets=(--set "$label.num_threads=${THREADS:-2}")
+  [ "${GC:-0}" = 1 ] && sets+=(--set "$label.gradient_checkpointing=true")
   for kv in "$@"; do sets+=(--set "$label.$kv"); done
   echo "$(date -u +%FT%TZ) start $label" >> logs/learning_curve.log
   python -m benchmark run --methods "$label=$method" "${sets[@]}" --run-id "curve-$label" --quiet \
