@@ -26,6 +26,7 @@ import json
 import re
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 import numpy as np
 import pandas as pd
@@ -50,6 +51,12 @@ METRIC = "ndcg@10"
 BUDGET_ROWS = ("sft", "cft")  # a plain `sft`/`cft` unit (the published row) is the point of its example count
 
 
+def fail(message: str) -> NoReturn:
+    """Bad input: one line naming the problem and the fix, exit code 2, nothing written."""
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
 def gather(store: RunStore, dataset: str, protocol: str, curve_dir: Path, board_dir: Path) -> dict[tuple[str, int], Unit]:
     """Every finished unit by (label, seed): the run store's first, then the curve's own published
     evidence, then the leaderboard's (its baselines and its `sft`/`cft` rows). All on one split."""
@@ -64,8 +71,8 @@ def gather(store: RunStore, dataset: str, protocol: str, curve_dir: Path, board_
             chosen.setdefault((u.label, u.seed), u)
     splits = {u.config["split_fingerprint"] for u in chosen.values()}
     if len(splits) > 1:
-        raise SystemExit(
-            f"error: the run store and the published evidence ({curve_dir}/, {board_dir}/) hold units of {len(splits)} "
+        fail(
+            f"the run store and the published evidence ({curve_dir}/, {board_dir}/) hold units of {len(splits)} "
             f"splits ({', '.join(sorted(splits))}); a curve compares one split: rerun its points on the published split")
     return chosen
 
@@ -145,7 +152,8 @@ def point_order(label: str) -> tuple:
 def build(series: dict, meta: dict, baselines: list[str], permutations: int, seed: int = 0) -> dict:
     missing = [b for b in baselines if b not in series]
     if missing:
-        raise SystemExit(f"the run store has no finished seed-0 {', '.join(missing)} unit; run them first")
+        fail(f"neither the run store nor the published evidence holds a finished seed-0 {', '.join(missing)} unit; "
+             f"run it first, e.g. `python -m benchmark run --methods {','.join(missing)}`")
     points = sorted([k for k in series if POINT.match(k)], key=point_order)
     labels = points + baselines
     users, X = align({k: series[k] for k in labels})

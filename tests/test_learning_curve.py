@@ -150,3 +150,12 @@ def test_the_curve_keeps_its_evidence_so_it_outlives_the_run_store_and_verifies(
     (stem.parent / "synthetic-learning-curve.json").write_text(json.dumps(report))
     assert cli_main(["--runs-dir", str(runs), "verify", str(stem)]) == 2
     assert "but its per-user values give" in capsys.readouterr().err
+
+
+def test_a_missing_baseline_is_one_error_line_and_exit_code_2(capsys):
+    series, meta = curve({"sft_n8": 0.010, "pop": 0.045}, {"sft_n8": 1_000})
+    with pytest.raises(SystemExit) as exc:
+        lc.build(series, meta, ["pop", "sasrec"], permutations=100)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and "sasrec" in err[0] and "python -m benchmark run" in err[0]
