@@ -123,7 +123,7 @@ def carry_forward(report: dict, previous: dict | None) -> dict:
             if r["label"] not in have and r["label"] not in report["baselines"]]
     pairs = {(c["cft"], c["sft"]) for c in report["cft_vs_sft"]}
     cvs = [{**c, "carried": c.get("carried") or CARRIED} for c in previous.get("cft_vs_sft", [])
-           if (c["cft"], c["sft"]) not in pairs and not (c["cft"] in have and c["sft"] in have)]
+           if (c["cft"], c["sft"]) not in pairs]  # build() compares every pair whose two points it has
     methods = {e["method"] for e in report["extrapolation"]}
     ext = [{**e, "carried": e.get("carried") or CARRIED} for e in previous.get("extrapolation", [])
            if e["method"] not in methods]
@@ -132,12 +132,12 @@ def carry_forward(report: dict, previous: dict | None) -> dict:
             "cft_vs_sft": report["cft_vs_sft"] + cvs, "extrapolation": report["extrapolation"] + ext}
 
 
-def publish_evidence(folder: Path, used: dict[str, Unit], report: dict, dataset: str, protocol: str,
-                     cache_dir: Path) -> None:
-    """The curve's evidence folder: every unit a row of the report stands on, as a leaderboard keeps it
-    (`python -m benchmark verify` recomputes each row's mean from it)."""
-    units = sorted({id(u): u for u in used.values()}.values(), key=lambda u: (u.label, u.seed))
-    users = sorted(set().union(*(set(u.per_user()["user"]) for u in units)))
+def publish_evidence(folder: Path, used: dict[str, Unit], series: dict[str, pd.Series], dataset: str,
+                     protocol: str, cache_dir: Path) -> None:
+    """The curve's evidence folder: every unit a row of the report stands on (one per row), as a
+    leaderboard keeps it (`python -m benchmark verify` recomputes each row's mean from it)."""
+    units = sorted(used.values(), key=lambda u: (u.label, u.seed))
+    users = sorted(set().union(*(s.index for s in series.values())))  # the per-user values load() read
     index = evidence_index(units, dataset=dataset, protocol=protocol,
                            candidate_fp=unit_candidate_fingerprint(units[0], cache_dir), users=users)
     write_evidence(folder, units, index, read_evidence(folder))
@@ -356,7 +356,7 @@ def main() -> None:
     series, meta, used = load(units, baselines)
     previous = json.loads(stem.with_suffix(".json").read_text()) if stem.with_suffix(".json").is_file() else None
     report = carry_forward(build(series, meta, baselines, args.permutations), previous)
-    publish_evidence(stem, used, report, args.dataset, args.protocol, store.cache_dir)
+    publish_evidence(stem, used, series, args.dataset, args.protocol, store.cache_dir)
     atomic_write_bytes(stem.with_suffix(".md"), render_markdown(report, args.dataset).encode())
     atomic_write_bytes(stem.with_suffix(".json"), (json.dumps(report, indent=1) + "\n").encode())
     atomic_write_bytes(stem.with_suffix(".png"), render_png(report, args.dataset))

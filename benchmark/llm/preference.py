@@ -5,7 +5,6 @@ Module-level so tests can check each on its own."""
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import math
 from typing import Any, Sequence
@@ -88,8 +87,7 @@ def embed_shared_prefix(
     device = next(model.parameters()).device
     body = decoder_body(model)
     prefix = torch.as_tensor([list(ids[0][:prefix_len])], dtype=torch.long, device=device)
-    with contextlib.nullcontext():  # the caller's precision context applies
-        out = body(input_ids=prefix, attention_mask=torch.ones_like(prefix), use_cache=True)
+    out = body(input_ids=prefix, attention_mask=torch.ones_like(prefix), use_cache=True)  # caller's precision
     cache = output_cache(out)
     prefix_sum = out.last_hidden_state[0].float().sum(0)  # [d]
     order = sorted(range(n), key=lambda i: -len(ids[i]))
@@ -102,9 +100,8 @@ def embed_shared_prefix(
         positions = prefix_len + (mask.cumsum(1) - 1).clamp(min=0)
         past = copy.deepcopy(cache)
         past.batch_repeat_interleave(len(rows))
-        with contextlib.nullcontext():
-            o = body(input_ids=batch["input_ids"], attention_mask=full_mask, position_ids=positions,
-                     use_cache=True, **cache_kwargs(body, past))
+        o = body(input_ids=batch["input_ids"], attention_mask=full_mask, position_ids=positions,
+                 use_cache=True, **cache_kwargs(body, past))
         hidden = o.last_hidden_state.float()
         if pooling == "mean":
             m = mask.to(hidden.dtype)
